@@ -1,0 +1,88 @@
+"""Run a test function on N MPI ranks from inside pytest.
+
+A multi-rank test is two functions in the same test file: a *worker* (module level,
+runs on every rank, raises on failure) and the pytest test that launches it::
+
+    def _allreduce_worker(n: int) -> None:          # runs on every rank
+        ...
+
+    @pytest.mark.parametrize("nprocs", [1, 2, 3, 4, 5])
+    def test_coll_allreduce(nprocs):
+        run_ranks(_allreduce_worker, nprocs, n=1000)
+
+`run_ranks` starts ``mpirun -n N python tests/_mpi_worker.py FILE FUNCTION KWARGS`` in its
+own process session. An exception on any rank aborts the whole job (the worker installs
+commrt's abort-on-error hook), and a job that outlives ``timeout`` seconds is killed with
+its process group: either way the test fails with every rank's output in the message.
+A hang is a failing test, never a passing one.
+
+Launching costs a few seconds per job (each rank imports torch), so a worker checks
+everything one concept needs in one launch rather than one launch per assertion.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+WORKER = Path(__file__).with_name("_mpi_worker.py")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpirun_executable() -> str:
+    """The `mpirun` beside this interpreter (the PyPI mpich wheel), else the one on PATH."""
+    here = Path(sys.executable).with_name("mpirun")
+    if here.exists():
+        return str(here)
+    found = shutil.which("mpirun") or shutil.which("mpiexec")
+    if found is None:
+        raise RuntimeError("no mpirun found: install the MPI extra (pip install -e '.[mpi]')")
+    return found
+
+
+def mpi_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a test job: quiet, oversubscription-friendly, repository importable."""
+    env = dict(os.environ)
+    # Tests oversubscribe a 2-core machine: waiting ranks must yield the CPU instead of spinning.
+    env.setdefault("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TRITON_INTERPRET", "1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_ranks(fn: Callable[..., Any], nprocs: int, *, timeout: float = 180.0,
+              env: dict[str, str] | None = None, **kwargs: Any) -> str:
+    """Run module-level function `fn(**kwargs)` on `nprocs` MPI ranks; return the output.
+
+    kwargs must be JSON-serialisable. Fails (AssertionError) if any rank fails, the job
+    times out, or the launcher exits non-zero.
+    """
+    module_file = Path(sys.modules[fn.__module__].__file__).resolve()
+    cmd = [mpirun_executable(), "-n", str(nprocs), sys.executable, str(WORKER),
+           str(module_file), fn.__name__, json.dumps(kwargs)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=mpi_env(env), cwd=str(REPO_ROOT), start_new_session=True,
+                            text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(
+            f"{fn.__name__} on {nprocs} ranks timed out after {timeout:.0f}s (a hang is a "
+            f"failure); output:\n{out[-8000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{fn.__name__} on {nprocs} ranks failed (exit {proc.returncode}); "
+            f"output:\n{out[-8000:]}")
+    return out

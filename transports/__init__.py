@@ -1,0 +1,59 @@
+"""commrt.transports: moving bytes between ranks.
+
+`world()` is the MPI communicator of the whole job; `for_group(group)` turns whatever a
+caller holds (nothing, a `Communicator`, or a torch.distributed process group) into an
+object with the Communicator interface. `wire` counts every byte sent, by kind.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .counters import WireCounter, snapshot_delta, wire
+from .mpi import (ANY_SOURCE, ANY_TAG, Communicator, Request, cuda_aware,
+                  install_abort_on_error, wait_all, world)
+
+__all__ = [
+    "ANY_SOURCE", "ANY_TAG", "Communicator", "Request", "WireCounter", "cuda_aware",
+    "for_group", "install_abort_on_error", "snapshot_delta", "wait_all", "wire", "world",
+]
+
+_adapters: dict[int, tuple[Any, Any]] = {}
+_adapters_lock = threading.Lock()
+
+
+def for_group(group: Any = None):
+    """The Communicator for `group`.
+
+    - a Communicator (or anything with the same interface) is returned as is;
+    - None: the default torch.distributed group if one is initialised, else `world()`;
+    - a torch ProcessGroup of the `commrt` backend: the MPI communicator underneath it
+      (the backend object exposes it as `.communicator`);
+    - any other torch ProcessGroup (gloo, nccl): a `TorchDistCommunicator` adapter,
+      created once per group.
+    """
+    if group is not None and hasattr(group, "isend") and hasattr(group, "check_uniform"):
+        return group
+    import torch
+    import torch.distributed as dist
+
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return world()
+        group = dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            backend = group._get_backend(torch.device(device))
+        except Exception:  # no backend registered for that device type
+            continue
+        comm = getattr(backend, "communicator", None)
+        if comm is not None:
+            return comm
+    with _adapters_lock:
+        entry = _adapters.get(id(group))
+        if entry is None or entry[0] is not group:
+            from .torch_dist import TorchDistCommunicator
+
+            entry = (group, TorchDistCommunicator(group))
+            _adapters[id(group)] = entry
+        return entry[1]

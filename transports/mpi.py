@@ -1,0 +1,672 @@
+"""The MPI transport: moves torch tensors between ranks with non-blocking MPI requests.
+
+Every operation takes torch tensors of any dtype (float16, bfloat16 and bool included), on
+the CPU or, where a GPU is present, on CUDA, contiguous or not, and returns a `Request`
+backed by real MPI requests. Data-movement operations (send, broadcast, gathers, all-to-all)
+travel as raw bytes; reductions use the matching MPI datatype, with float16/bfloat16
+upcast to float32 for the reduction because MPI has no portable half-precision type (a sum
+of raw bytes as integers would be silently wrong).
+
+CUDA tensors go to MPI directly when the library is CUDA-aware (see `cuda_aware`), after
+synchronising the producing stream, since mpi4py never synchronises streams. Otherwise
+they are staged through reusable pinned host buffers and copied back on completion.
+
+Every byte sent is counted in `commrt.transports.wire` under a *kind* label (see
+counters.py for the accounting rule).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+import traceback
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .counters import wire
+
+# Wildcards of commrt's own (MPI's values differ between libraries); mapped at the call.
+ANY_SOURCE = -1
+ANY_TAG = -1
+
+_MPI = None  # the mpi4py.MPI module, imported on first use so `import commrt` stays cheap
+
+
+def _mpi():
+    global _MPI
+    if _MPI is None:
+        from mpi4py import MPI
+
+        _MPI = MPI
+    return _MPI
+
+
+# --------------------------------------------------------------------------------------
+# CUDA awareness and host staging
+
+
+_cuda_aware: bool | None = None
+
+
+def cuda_aware() -> bool:
+    """Whether MPI may be handed CUDA device pointers.
+
+    `COMMRT_CUDA_AWARE=0|1` overrides the query. Otherwise MPICH is asked with
+    `MPIX_GPU_query_support(MPIX_GPU_SUPPORT_CUDA)` and Open MPI with
+    `MPIX_Query_cuda_support()`, both looked up with ctypes in the MPI library mpi4py is
+    linked against; a library that answers neither is treated as not CUDA-aware.
+    """
+    global _cuda_aware
+    if _cuda_aware is None:
+        env = os.environ.get("COMMRT_CUDA_AWARE")
+        if env is not None:
+            _cuda_aware = env.strip().lower() in ("1", "true", "yes")
+        else:
+            _cuda_aware = _query_cuda_aware()
+    return _cuda_aware
+
+
+def _query_cuda_aware() -> bool:
+    MPI = _mpi()
+    try:
+        lib = ctypes.CDLL(MPI.__file__)
+    except OSError:
+        return False
+    if "MPICH" in MPI.Get_library_version() and hasattr(lib, "MPIX_GPU_query_support"):
+        supported = ctypes.c_int(0)
+        cuda_kind = 0  # MPIX_GPU_SUPPORT_CUDA is the first enumerator in mpi.h
+        if lib.MPIX_GPU_query_support(cuda_kind, ctypes.byref(supported)) == 0:
+            return bool(supported.value)
+        return False
+    if hasattr(lib, "MPIX_Query_cuda_support"):
+        return bool(lib.MPIX_Query_cuda_support())
+    return False
+
+
+class _PinnedPool:
+    """Reusable page-locked host buffers, so staging does not pin memory per call."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        size = 1 << max(nbytes - 1, 0).bit_length()  # round up: reuse across nearby sizes
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault(buf.numel(), []).append(buf)
+
+
+_pinned = _PinnedPool()
+
+
+# --------------------------------------------------------------------------------------
+# Tensors as MPI buffers
+
+_REDUCE_OPS = ("sum", "max", "min", "product", "band", "bor", "bxor")
+_UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def _mpi_datatype(dtype: torch.dtype):
+    MPI = _mpi()
+    table = {
+        torch.float64: MPI.DOUBLE, torch.float32: MPI.FLOAT,
+        torch.int8: MPI.INT8_T, torch.int16: MPI.INT16_T, torch.int32: MPI.INT32_T,
+        torch.int64: MPI.INT64_T, torch.uint8: MPI.UINT8_T, torch.bool: MPI.C_BOOL,
+        torch.complex64: MPI.C_FLOAT_COMPLEX, torch.complex128: MPI.C_DOUBLE_COMPLEX,
+    }
+    try:
+        return table[dtype]
+    except KeyError:
+        raise ValueError(f"commrt cannot reduce tensors of dtype {dtype}") from None
+
+
+def _mpi_op(op: str, dtype: torch.dtype):
+    """The MPI.Op for reduction `op` on (already upcast) `dtype`."""
+    MPI = _mpi()
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"unknown reduction {op!r}; expected one of {', '.join(_REDUCE_OPS)}")
+    if dtype == torch.bool:
+        # torch's convention for bool: sum/max/bor are OR, product/min/band are AND.
+        return {"sum": MPI.LOR, "max": MPI.LOR, "bor": MPI.LOR, "min": MPI.LAND,
+                "product": MPI.LAND, "band": MPI.LAND, "bxor": MPI.LXOR}[op]
+    if op in ("band", "bor", "bxor") and (dtype.is_floating_point or dtype.is_complex):
+        raise ValueError(f"bitwise reduction {op!r} needs an integer or bool tensor, got {dtype}")
+    if op in ("max", "min") and dtype.is_complex:
+        raise ValueError(f"{op!r} is not defined for complex tensors")
+    return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "product": MPI.PROD,
+            "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}[op]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _buf(t: torch.Tensor):
+    """An mpi4py buffer over the bytes of contiguous tensor `t` (host or device memory)."""
+    return _mpi().buffer.fromaddress(t.data_ptr(), _nbytes(t))
+
+
+class _Staged:
+    """The contiguous, MPI-reachable tensor an operation works on, and how to copy back.
+
+    `work` is what MPI reads or writes. It is `t` itself when `t` is already contiguous,
+    of a wire dtype and reachable by MPI; otherwise a copy (contiguous, upcast, or in pinned
+    host memory), and `finish()` writes the result back into `t`.
+    """
+
+    __slots__ = ("orig", "work", "pinned", "writeback")
+
+    def __init__(self, t: torch.Tensor, *, reduce: bool, writeback: bool):
+        self.orig = t
+        self.pinned = None
+        self.writeback = False
+        dtype = _UPCAST.get(t.dtype, t.dtype) if reduce else t.dtype
+        on_device = t.device.type != "cpu"
+        if on_device and t.device.type != "cuda":
+            raise ValueError(f"commrt transport supports CPU and CUDA tensors, got {t.device}")
+        if on_device and cuda_aware():
+            work = t if (t.is_contiguous() and dtype == t.dtype) else t.contiguous().to(dtype)
+            # mpi4py does not synchronise streams: the producer must be done before MPI reads.
+            torch.cuda.current_stream(t.device).synchronize()
+        elif on_device:
+            nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
+            self.pinned = _pinned.take(nbytes)
+            work = self.pinned[:nbytes].view(dtype).view(t.shape)
+            work.copy_(t)  # device-to-host from pageable view: synchronous w.r.t. the stream
+        elif t.is_contiguous() and dtype == t.dtype:
+            work = t
+        else:
+            work = t.contiguous().to(dtype) if dtype != t.dtype else t.contiguous()
+        self.work = work
+        self.writeback = writeback and work is not t
+
+    def finish(self) -> None:
+        if self.writeback:
+            self.orig.copy_(self.work)
+        if self.pinned is not None:
+            _pinned.give(self.pinned)
+            self.pinned = None
+
+
+def _stage_in(t: torch.Tensor, reduce: bool = False) -> _Staged:
+    return _Staged(t, reduce=reduce, writeback=False)
+
+
+def _stage_out(t: torch.Tensor, reduce: bool = False) -> _Staged:
+    return _Staged(t, reduce=reduce, writeback=True)
+
+
+# --------------------------------------------------------------------------------------
+# Requests
+
+
+class Request:
+    """A pending operation: one or more MPI requests and what to do when they complete.
+
+    `wait()` blocks (releasing the GIL inside MPI) and `test()` polls; both are safe to call
+    from several threads, and the completion work (copy back into non-contiguous or device
+    tensors, downcast after an upcast reduction) runs exactly once.
+    """
+
+    __slots__ = ("_reqs", "_staged", "_done", "_lock", "_callbacks", "source", "nbytes")
+
+    def __init__(self, reqs: list, staged: Sequence[_Staged] = (),
+                 callbacks: Sequence[Callable[[], None]] = ()):
+        self._reqs = reqs
+        self._staged = staged
+        self._callbacks = list(callbacks)
+        self._done = False
+        self._lock = threading.Lock()
+        self.source: int | None = None  # irecv: the rank the message came from
+        self.nbytes: int | None = None  # irecv: the bytes actually received
+
+    @classmethod
+    def completed(cls, staged: Sequence[_Staged] = ()) -> "Request":
+        req = cls([], staged)
+        req._complete(None)
+        return req
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Run `fn()` once the request completes (at once if it already has)."""
+        with self._lock:
+            if not self._done:
+                self._callbacks.append(fn)
+                return
+        fn()
+
+    def wait(self) -> "Request":
+        if self._done:
+            return self
+        with self._lock:
+            if not self._done:
+                MPI = _mpi()
+                status = MPI.Status() if len(self._reqs) == 1 else None
+                if status is not None:
+                    self._reqs[0].Wait(status)
+                else:
+                    MPI.Request.Waitall(self._reqs)
+                self._complete(status)
+        self._run_callbacks()
+        return self
+
+    def test(self) -> bool:
+        if self._done:
+            return True
+        if not self._lock.acquire(blocking=False):
+            return False  # another thread is completing it
+        try:
+            if not self._done:
+                MPI = _mpi()
+                status = MPI.Status() if len(self._reqs) == 1 else None
+                if status is not None:
+                    finished = self._reqs[0].Test(status)
+                else:
+                    finished = MPI.Request.Testall(self._reqs)
+                if not finished:
+                    return False
+                self._complete(status)
+        finally:
+            self._lock.release()
+        self._run_callbacks()
+        return True
+
+    def _complete(self, status) -> None:
+        if status is not None:
+            self.source = status.Get_source()
+            self.nbytes = status.Get_count(_mpi().BYTE)
+        for s in self._staged:
+            s.finish()
+        self._staged = ()
+        self._done = True
+
+    def _run_callbacks(self) -> None:
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn()
+
+
+def wait_all(requests: Iterable[Request]) -> None:
+    """Wait for every request (in order; each one's completion work runs as it finishes)."""
+    for req in requests:
+        req.wait()
+
+
+# --------------------------------------------------------------------------------------
+# Communicator
+
+
+class Communicator:
+    """A group of ranks that exchange torch tensors over one MPI communicator.
+
+    Every operation is non-blocking and returns a `Request`; blocking use is
+    ``comm.iallreduce(t).wait()``. In-place operations modify the given tensor. Argument
+    errors raise ValueError on the calling rank before anything is posted; use
+    `check_uniform` first where ranks might disagree on shapes (the torch backend does).
+    """
+
+    def __init__(self, mpi_comm) -> None:
+        self.mpi = mpi_comm
+        self.rank: int = mpi_comm.Get_rank()
+        self.size: int = mpi_comm.Get_size()
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self.rank}, size={self.size})"
+
+    # -- groups -----------------------------------------------------------------------
+
+    def split(self, color: int | None, key: int = 0) -> "Communicator | None":
+        """Collective: ranks with the same color form a new communicator, ordered by key.
+
+        A rank passing color None gets None back (MPI_UNDEFINED).
+        """
+        MPI = _mpi()
+        new = self.mpi.Split(MPI.UNDEFINED if color is None else int(color), int(key))
+        return None if new == MPI.COMM_NULL else Communicator(new)
+
+    def subgroup(self, ranks: Sequence[int]) -> "Communicator | None":
+        """Collective over this communicator: a communicator of `ranks` (in this
+        communicator's numbering, in that order); None on ranks not listed."""
+        ranks = [int(r) for r in ranks]
+        for r in ranks:
+            self._check_rank(r, "subgroup member")
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"subgroup ranks repeat: {ranks}")
+        MPI = _mpi()
+        group = self.mpi.Get_group().Incl(ranks)
+        new = self.mpi.Create(group)
+        group.Free()
+        return None if new == MPI.COMM_NULL else Communicator(new)
+
+    def split_shared_memory(self) -> "Communicator":
+        """Collective: the ranks of this communicator that share memory (one node)."""
+        MPI = _mpi()
+        return Communicator(self.mpi.Split_type(MPI.COMM_TYPE_SHARED, self.rank))
+
+    # -- point to point ---------------------------------------------------------------
+
+    def isend(self, tensor: torch.Tensor, dest: int, tag: int = 0, *,
+              kind: str = "send") -> Request:
+        """Send `tensor`'s bytes to `dest`. Wire bytes: exactly the tensor's bytes."""
+        self._check_rank(dest, "destination")
+        staged = _stage_in(tensor)
+        nbytes = _nbytes(staged.work)
+        req = self.mpi.Isend([_buf(staged.work), nbytes, _mpi().BYTE], dest, tag)
+        wire.add(kind, nbytes)
+        return Request([req], (staged,))
+
+    def irecv(self, tensor: torch.Tensor, source: int = ANY_SOURCE, tag: int = ANY_TAG, *,
+              kind: str = "recv") -> Request:
+        """Receive into `tensor` (a message of at most its size) from `source` (any rank by
+        default); after completion `req.source` and `req.nbytes` tell who sent how much."""
+        if source != ANY_SOURCE:
+            self._check_rank(source, "source")
+        staged = _stage_out(tensor)
+        nbytes = _nbytes(staged.work)
+        MPI = _mpi()
+        req = self.mpi.Irecv([_buf(staged.work), nbytes, MPI.BYTE],
+                             MPI.ANY_SOURCE if source == ANY_SOURCE else source,
+                             MPI.ANY_TAG if tag == ANY_TAG else tag)
+        request = Request([req], (staged,))
+        request.add_done_callback(lambda: wire.add_received(kind, request.nbytes or 0))
+        return request
+
+    # -- collectives ------------------------------------------------------------------
+
+    def iallreduce(self, tensor: torch.Tensor, op: str = "sum", *,
+                   kind: str = "all_reduce") -> Request:
+        """In place: every rank ends with the reduction over ranks.
+        Wire bytes per rank: 2(P-1)/P * B (B = bytes of the reduced, possibly upcast, data)."""
+        staged = _stage_out(tensor, reduce=True)
+        work = staged.work
+        mpi_op = _mpi_op(op, work.dtype)
+        if self.size == 1:
+            return Request.completed((staged,))
+        B = _nbytes(work)
+        req = self.mpi.Iallreduce(_mpi().IN_PLACE, [_buf(work), work.numel(),
+                                                    _mpi_datatype(work.dtype)], mpi_op)
+        wire.add(kind, 2 * (self.size - 1) * B // self.size)
+        return Request([req], (staged,))
+
+    def ibroadcast(self, tensor: torch.Tensor, root: int, *, kind: str = "broadcast") -> Request:
+        """In place: every rank ends with root's tensor. Wire bytes: (P-1)/P * B."""
+        self._check_rank(root, "root")
+        staged = _stage_out(tensor)
+        if self.size == 1:
+            return Request.completed((staged,))
+        B = _nbytes(staged.work)
+        req = self.mpi.Ibcast([_buf(staged.work), B, _mpi().BYTE], root)
+        wire.add(kind, (self.size - 1) * B // self.size)
+        return Request([req], (staged,))
+
+    def ireduce(self, tensor: torch.Tensor, root: int, op: str = "sum", *,
+                kind: str = "reduce") -> Request:
+        """In place on root: root ends with the reduction; other ranks' tensors are unchanged.
+        Wire bytes: (P-1)/P * B."""
+        self._check_rank(root, "root")
+        MPI = _mpi()
+        staged = _Staged(tensor, reduce=True, writeback=self.rank == root)
+        work = staged.work
+        mpi_op = _mpi_op(op, work.dtype)
+        if self.size == 1:
+            return Request.completed((staged,))
+        spec = [_buf(work), work.numel(), _mpi_datatype(work.dtype)]
+        if self.rank == root:
+            req = self.mpi.Ireduce(MPI.IN_PLACE, spec, mpi_op, root)
+        else:
+            req = self.mpi.Ireduce(spec, None, mpi_op, root)
+        wire.add(kind, (self.size - 1) * _nbytes(work) // self.size)
+        return Request([req], (staged,))
+
+    def iallgather(self, inp: torch.Tensor, out: torch.Tensor, *,
+                   kind: str = "all_gather") -> Request:
+        """out = concatenation over ranks of inp (rank-major). out.numel() == P*inp.numel().
+        Wire bytes: (P-1)/P * bytes(out)."""
+        self._check_same_dtype(inp, out)
+        if out.numel() != self.size * inp.numel():
+            raise ValueError(f"all_gather output has {out.numel()} elements, expected "
+                             f"{self.size} x {inp.numel()}")
+        return self.iallgatherv(inp, out, [inp.numel()] * self.size, kind=kind)
+
+    def iallgatherv(self, inp: torch.Tensor, out: torch.Tensor, counts: Sequence[int], *,
+                    kind: str = "all_gather") -> Request:
+        """out = concatenation of every rank's inp, rank r contributing counts[r] elements.
+        Wire bytes: (P-1)/P * bytes(out)."""
+        self._check_same_dtype(inp, out)
+        counts = self._check_counts(counts, "all_gather counts")
+        if counts[self.rank] != inp.numel() or sum(counts) != out.numel():
+            raise ValueError(f"all_gather counts {counts} do not match input {inp.numel()} "
+                             f"/ output {out.numel()} elements")
+        sin, sout = _stage_in(inp), _stage_out(out)
+        if self.size == 1:
+            sout.work.view(-1).copy_(sin.work.view(-1))
+            return Request.completed((sin, sout))
+        es = inp.element_size()
+        bcounts = [c * es for c in counts]
+        displs = np.cumsum([0] + bcounts[:-1]).tolist()
+        BYTE = _mpi().BYTE
+        req = self.mpi.Iallgatherv([_buf(sin.work), bcounts[self.rank], BYTE],
+                                   [_buf(sout.work), bcounts, displs, BYTE])
+        wire.add(kind, (self.size - 1) * _nbytes(out) // self.size)
+        return Request([req], (sin, sout))
+
+    def ireduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, op: str = "sum", *,
+                        kind: str = "reduce_scatter") -> Request:
+        """out = rank r's block of the reduction of inp; inp.numel() == P*out.numel().
+        Wire bytes: (P-1)/P * B(inp) (B after any upcast)."""
+        self._check_same_dtype(inp, out)
+        if inp.numel() != self.size * out.numel():
+            raise ValueError(f"reduce_scatter input has {inp.numel()} elements, expected "
+                             f"{self.size} x {out.numel()}")
+        sin, sout = _stage_in(inp, reduce=True), _stage_out(out, reduce=True)
+        mpi_op = _mpi_op(op, sin.work.dtype)
+        if self.size == 1:
+            sout.work.view(-1).copy_(sin.work.view(-1))
+            return Request.completed((sin, sout))
+        dt = _mpi_datatype(sin.work.dtype)
+        n = out.numel()
+        req = self.mpi.Ireduce_scatter_block([_buf(sin.work), n, dt],
+                                             [_buf(sout.work), n, dt], mpi_op)
+        wire.add(kind, (self.size - 1) * _nbytes(sin.work) // self.size)
+        return Request([req], (sin, sout))
+
+    def ialltoall(self, inp: torch.Tensor, out: torch.Tensor, *,
+                  kind: str = "all_to_all") -> Request:
+        """Block r of inp goes to rank r; out's block s comes from rank s (equal blocks)."""
+        if inp.numel() % self.size or out.numel() != inp.numel():
+            raise ValueError(f"all_to_all needs input and output of equal size divisible by "
+                             f"{self.size}, got {inp.numel()} and {out.numel()}")
+        counts = [inp.numel() // self.size] * self.size
+        return self.ialltoallv(inp, out, counts, counts, kind=kind)
+
+    def ialltoallv(self, inp: torch.Tensor, out: torch.Tensor, send_counts: Sequence[int],
+                   recv_counts: Sequence[int], *, kind: str = "all_to_all") -> Request:
+        """Uneven all-to-all: send_counts[r] elements of inp (in order) go to rank r,
+        recv_counts[s] elements from rank s land in out (in order).
+        Wire bytes: the bytes addressed to other ranks."""
+        self._check_same_dtype(inp, out)
+        send_counts = self._check_counts(send_counts, "all_to_all send counts")
+        recv_counts = self._check_counts(recv_counts, "all_to_all recv counts")
+        if sum(send_counts) != inp.numel():
+            raise ValueError(f"all_to_all send counts {send_counts} add up to "
+                             f"{sum(send_counts)}, but the input has {inp.numel()} elements")
+        if sum(recv_counts) != out.numel():
+            raise ValueError(f"all_to_all recv counts {recv_counts} add up to "
+                             f"{sum(recv_counts)}, but the output has {out.numel()} elements")
+        sin, sout = _stage_in(inp), _stage_out(out)
+        es = inp.element_size()
+        sb = [c * es for c in send_counts]
+        rb = [c * es for c in recv_counts]
+        sd = np.cumsum([0] + sb[:-1]).tolist()
+        rd = np.cumsum([0] + rb[:-1]).tolist()
+        BYTE = _mpi().BYTE
+        req = self.mpi.Ialltoallv([_buf(sin.work), sb, sd, BYTE], [_buf(sout.work), rb, rd, BYTE])
+        wire.add(kind, sum(sb) - sb[self.rank])
+        return Request([req], (sin, sout))
+
+    def igather(self, inp: torch.Tensor, out: torch.Tensor | None, root: int, *,
+                kind: str = "gather") -> Request:
+        """Root's out = concatenation of every rank's inp (out is ignored elsewhere).
+        Wire bytes: bytes(inp) on every rank but root."""
+        self._check_rank(root, "root")
+        sin = _stage_in(inp)
+        staged = [sin]
+        BYTE = _mpi().BYTE
+        B = _nbytes(sin.work)
+        recv = None
+        if self.rank == root:
+            if out is None or out.numel() != self.size * inp.numel():
+                raise ValueError(f"gather root needs an output of {self.size} x {inp.numel()} "
+                                 "elements")
+            self._check_same_dtype(inp, out)
+            sout = _stage_out(out)
+            staged.append(sout)
+            recv = [_buf(sout.work), B, BYTE]
+        req = self.mpi.Igather([_buf(sin.work), B, BYTE], recv, root)
+        wire.add(kind, 0 if self.rank == root else B)
+        return Request([req], staged)
+
+    def iscatter(self, inp: torch.Tensor | None, out: torch.Tensor, root: int, *,
+                 kind: str = "scatter") -> Request:
+        """Every rank's out = block r of root's inp (inp is ignored elsewhere).
+        Wire bytes: (P-1) * bytes(out) on root, 0 elsewhere."""
+        self._check_rank(root, "root")
+        sout = _stage_out(out)
+        staged = [sout]
+        BYTE = _mpi().BYTE
+        B = _nbytes(sout.work)
+        send = None
+        if self.rank == root:
+            if inp is None or inp.numel() != self.size * out.numel():
+                raise ValueError(f"scatter root needs an input of {self.size} x {out.numel()} "
+                                 "elements")
+            self._check_same_dtype(inp, out)
+            sin = _stage_in(inp)
+            staged.append(sin)
+            send = [_buf(sin.work), B, BYTE]
+        req = self.mpi.Iscatter(send, [_buf(sout.work), B, BYTE], root)
+        wire.add(kind, (self.size - 1) * B if self.rank == root else 0)
+        return Request([req], staged)
+
+    def ibarrier(self) -> Request:
+        return Request([self.mpi.Ibarrier()])
+
+    def barrier(self) -> None:
+        self.mpi.Barrier()
+
+    # -- Python objects and agreement -------------------------------------------------
+
+    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+        """Pickled broadcast (not counted: control traffic, not tensor data)."""
+        return self.mpi.bcast(obj, root)
+
+    def allgather_object(self, obj: Any) -> list:
+        """Pickled all-gather (not counted: control traffic)."""
+        return self.mpi.allgather(obj)
+
+    def check_uniform(self, values: Sequence[int], what: str) -> None:
+        """Collective: raise ValueError on every rank unless all ranks passed equal values.
+
+        Costs one small allreduce (max of v and -v). Every rank must pass the same number of
+        values. Used before collectives whose ranks might disagree on shapes or dtypes,
+        which MPI would otherwise turn into a truncation error, corruption or a hang.
+        """
+        n = len(values)
+        both = np.empty(2 * n, dtype=np.int64)
+        both[:n] = values
+        both[n:] = -both[:n]
+        self.mpi.Allreduce(_mpi().IN_PLACE, both, op=_mpi().MAX)
+        high, low = both[:n], -both[n:]
+        if (high != low).any():
+            raise ValueError(f"{what} differs across ranks: per-position min {low.tolist()}, "
+                             f"max {high.tolist()} (this rank: {list(values)})")
+
+    # -- argument checks --------------------------------------------------------------
+
+    def _check_rank(self, r: int, what: str) -> None:
+        if not 0 <= r < self.size:
+            raise ValueError(f"{what} rank {r} is out of range for a group of {self.size} ranks")
+
+    def _check_counts(self, counts: Sequence[int], what: str) -> list[int]:
+        counts = [int(c) for c in counts]
+        if len(counts) != self.size or any(c < 0 for c in counts):
+            raise ValueError(f"{what} must be {self.size} non-negative numbers, got {counts}")
+        return counts
+
+    @staticmethod
+    def _check_same_dtype(a: torch.Tensor, b: torch.Tensor) -> None:
+        if a.dtype != b.dtype:
+            raise ValueError(f"input dtype {a.dtype} and output dtype {b.dtype} differ")
+
+
+# --------------------------------------------------------------------------------------
+# The world, and ending the whole job on an error
+
+_world: Communicator | None = None
+_world_lock = threading.Lock()
+
+
+def world() -> Communicator:
+    """The communicator of every rank of the job (MPI.COMM_WORLD), initialising MPI.
+
+    With more than one rank, an uncaught exception on any rank aborts the whole job
+    (`install_abort_on_error`) unless COMMRT_ABORT_ON_ERROR=0.
+    """
+    global _world
+    if _world is None:
+        with _world_lock:
+            if _world is None:
+                comm = Communicator(_mpi().COMM_WORLD)
+                if comm.size > 1 and os.environ.get("COMMRT_ABORT_ON_ERROR", "1") != "0":
+                    install_abort_on_error()
+                _world = comm
+    return _world
+
+
+_abort_installed = False
+
+
+def install_abort_on_error() -> None:
+    """Make an uncaught exception on this rank (main thread or any other) print its
+    traceback and then MPI_Abort the whole job, so the other ranks never wait forever in
+    a collective this rank will not join."""
+    global _abort_installed
+    if _abort_installed:
+        return
+    _abort_installed = True
+    previous_hook = sys.excepthook
+
+    def abort() -> None:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        MPI = _mpi()
+        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(1)
+
+    def excepthook(exc_type, exc, tb):
+        previous_hook(exc_type, exc, tb)
+        abort()
+
+    def thread_excepthook(args):
+        if args.exc_type is SystemExit:
+            return
+        sys.stderr.write(f"commrt: uncaught exception in thread {args.thread.name}:\n")
+        traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        abort()
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
