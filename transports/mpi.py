@@ -116,35 +116,49 @@ _REDUCE_OPS = ("sum", "max", "min", "product", "band", "bor", "bxor")
 _UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
-def _mpi_datatype(dtype: torch.dtype):
+_DATATYPES: dict = {}
+_OPS: dict = {}
+_BOOL_OPS: dict = {}
+
+
+def _build_tables() -> None:
+    """Map torch dtypes and reduction names to MPI objects, once (the hot path looks up)."""
     MPI = _mpi()
-    table = {
+    _DATATYPES.update({
         torch.float64: MPI.DOUBLE, torch.float32: MPI.FLOAT,
         torch.int8: MPI.INT8_T, torch.int16: MPI.INT16_T, torch.int32: MPI.INT32_T,
         torch.int64: MPI.INT64_T, torch.uint8: MPI.UINT8_T, torch.bool: MPI.C_BOOL,
         torch.complex64: MPI.C_FLOAT_COMPLEX, torch.complex128: MPI.C_DOUBLE_COMPLEX,
-    }
+    })
+    _OPS.update({"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "product": MPI.PROD,
+                 "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR})
+    # torch's convention for bool: sum/max/bor are OR, product/min/band are AND.
+    _BOOL_OPS.update({"sum": MPI.LOR, "max": MPI.LOR, "bor": MPI.LOR, "min": MPI.LAND,
+                      "product": MPI.LAND, "band": MPI.LAND, "bxor": MPI.LXOR})
+
+
+def _mpi_datatype(dtype: torch.dtype):
+    if not _DATATYPES:
+        _build_tables()
     try:
-        return table[dtype]
+        return _DATATYPES[dtype]
     except KeyError:
         raise ValueError(f"commrt cannot reduce tensors of dtype {dtype}") from None
 
 
 def _mpi_op(op: str, dtype: torch.dtype):
     """The MPI.Op for reduction `op` on (already upcast) `dtype`."""
-    MPI = _mpi()
-    if op not in _REDUCE_OPS:
+    if not _OPS:
+        _build_tables()
+    if op not in _OPS:
         raise ValueError(f"unknown reduction {op!r}; expected one of {', '.join(_REDUCE_OPS)}")
     if dtype == torch.bool:
-        # torch's convention for bool: sum/max/bor are OR, product/min/band are AND.
-        return {"sum": MPI.LOR, "max": MPI.LOR, "bor": MPI.LOR, "min": MPI.LAND,
-                "product": MPI.LAND, "band": MPI.LAND, "bxor": MPI.LXOR}[op]
+        return _BOOL_OPS[op]
     if op in ("band", "bor", "bxor") and (dtype.is_floating_point or dtype.is_complex):
         raise ValueError(f"bitwise reduction {op!r} needs an integer or bool tensor, got {dtype}")
     if op in ("max", "min") and dtype.is_complex:
         raise ValueError(f"{op!r} is not defined for complex tensors")
-    return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "product": MPI.PROD,
-            "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}[op]
+    return _OPS[op]
 
 
 def _nbytes(t: torch.Tensor) -> int:
