@@ -1,0 +1,93 @@
+"""Fused error feedback: ``x = grad + residual``, top-k select, residual <- x minus selected.
+
+``topk_error_feedback(grad, residual, k, exact=True, block_size=None) -> (values, indices)``
+
+The Triton path never materialises ``x``: every pass of the top-k search (see ``topk``)
+reads ``grad`` and ``residual`` and adds them on the fly, and the final compaction pass
+writes the selected ``(value, index)`` pairs and the new residual in the same sweep. The
+residual is written only by that last pass, after the NaN/Inf check of the first pass,
+so a ``ValueError`` leaves it untouched.
+
+Invariant (exact, pinned by the tests): after the call,
+``residual_new + scatter(values at indices) == grad + residual_old`` element for element,
+with ``x`` computed in the residual's dtype (``grad.to(residual.dtype) + residual``): the
+selected entries of the residual are zero and the others hold x.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dispatch import check_float, check_k, use_triton
+from .topk import _run_select
+
+
+def _check_pair(grad: torch.Tensor, residual: torch.Tensor) -> None:
+    check_float(grad, "grad")
+    check_float(residual, "residual")
+    if grad.shape != residual.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} != residual shape "
+                         f"{tuple(residual.shape)}")
+    if grad.device != residual.device:
+        raise ValueError(f"grad and residual must be on the same device, got "
+                         f"{grad.device} and {residual.device}")
+    if not residual.is_contiguous():
+        raise ValueError("residual must be contiguous (it is updated in place)")
+
+
+def _error_feedback(grad: torch.Tensor, residual: torch.Tensor, k: int, exact: bool,
+                    block_size: Optional[int], triton: Optional[bool]):
+    _check_pair(grad, residual)
+    n = residual.numel()
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        k = check_k(k, block_size, "k (per block)")
+    else:
+        k = check_k(k, n)
+    res = residual.view(-1)
+    g = grad.reshape(-1).contiguous()
+    if n == 0:
+        return res[:0].clone(), torch.zeros(0, dtype=torch.int64, device=res.device)
+    if triton is None:
+        triton = use_triton(g, res)
+    row_len = block_size if block_size is not None else n
+    values, indices, counts = _run_select(g, res, row_len, k, exact, block_size is not None,
+                                          triton)
+    if not triton:
+        # Reference: materialise x, then zero the selected entries.
+        res.copy_(g.to(res.dtype) + res)
+        if block_size is not None:
+            rows = torch.repeat_interleave(
+                torch.arange(counts.numel(), device=res.device), counts)
+            res[rows * block_size + indices] = 0
+        else:
+            res[indices] = 0
+    return values, indices
+
+
+def topk_error_feedback(grad: torch.Tensor, residual: torch.Tensor, k: int,
+                        exact: bool = True, block_size: Optional[int] = None):
+    """Select the top-k of ``x = grad + residual``; residual <- x with the selected zeroed.
+
+    ``residual`` (float, contiguous, same shape and device as ``grad``; grad may have
+    another float dtype) is updated in place; ``x`` is computed in the residual's dtype.
+    Returns ``(values, indices)`` exactly as :func:`topk_magnitude` on x (or, with
+    ``block_size``, as :func:`topk_blocks` on x: block-local indices, k per block).
+    ValueError on mismatched shapes/devices, non-float dtypes, k out of range, or NaN/Inf
+    in x (then the residual is left unchanged).
+    """
+    return _error_feedback(grad, residual, k, exact, block_size, None)
+
+
+def topk_error_feedback_torch(grad: torch.Tensor, residual: torch.Tensor, k: int,
+                              exact: bool = True, block_size: Optional[int] = None):
+    """The torch reference of :func:`topk_error_feedback`."""
+    return _error_feedback(grad, residual, k, exact, block_size, False)
+
+
+def topk_error_feedback_triton(grad: torch.Tensor, residual: torch.Tensor, k: int,
+                               exact: bool = True, block_size: Optional[int] = None):
+    """The Triton implementation of :func:`topk_error_feedback` (one fused final pass)."""
+    return _error_feedback(grad, residual, k, exact, block_size, True)

@@ -1,0 +1,105 @@
+"""Fused error feedback (commrt.kernels.topk_error_feedback): selected + new residual ==
+grad + old residual exactly, Triton (interpreter) == torch reference, NaN/Inf, bad input."""
+import numpy as np
+import pytest
+import torch
+
+import commrt.kernels as K
+
+FNS = {"triton": K.topk_error_feedback_triton, "torch": K.topk_error_feedback_torch}
+
+
+def stable_topk_indices(x: torch.Tensor, k: int) -> np.ndarray:
+    a = x.double().abs().numpy()
+    return np.sort(np.argsort(-a, kind="stable")[:k])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("n,k", [(0, 0), (1, 0), (1, 1), (1000, 17), (2500, 0), (2500, 250),
+                                 (2500, 2500)])
+@pytest.mark.parametrize("exact", [True, False])
+def test_kernel_error_feedback_invariant(backend, n, k, exact):
+    gen = torch.Generator().manual_seed(n + 7 * k)
+    grad = torch.randn(n, generator=gen)
+    residual = torch.randn(n, generator=gen) * 0.5
+    x = grad + residual
+    values, indices = FNS[backend](grad, residual, k, exact=exact)
+    rebuilt = residual.clone()
+    rebuilt[indices] += values
+    assert torch.equal(rebuilt, x)                      # exact, not approximately
+    assert torch.all(residual[indices] == 0)
+    assert torch.equal(values, x[indices])
+    if exact:
+        np.testing.assert_array_equal(indices.numpy(), stable_topk_indices(x, k))
+    else:
+        assert k <= indices.numel() <= K.approx_cap(k)
+
+
+@pytest.mark.parametrize("grad_dtype,res_dtype", [(torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.float32),
+                                                  (torch.float16, torch.float16),
+                                                  (torch.float64, torch.float64)])
+def test_kernel_error_feedback_triton_equals_reference(grad_dtype, res_dtype):
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(1800, generator=gen).to(grad_dtype)
+    residual = torch.randn(1800, generator=gen).to(res_dtype)
+    for exact in (True, False):
+        r1, r2 = residual.clone(), residual.clone()
+        v1, i1 = K.topk_error_feedback_triton(grad, r1, 90, exact=exact)
+        v2, i2 = K.topk_error_feedback_torch(grad, r2, 90, exact=exact)
+        assert torch.equal(i1, i2) and torch.equal(v1, v2) and torch.equal(r1, r2)
+        assert v1.dtype == res_dtype
+        rebuilt = r1.clone()
+        rebuilt[i1] += v1
+        assert torch.equal(rebuilt, grad.to(res_dtype) + residual)
+
+
+def test_kernel_error_feedback_blocks_and_2d_shape():
+    gen = torch.Generator().manual_seed(2)
+    grad = torch.randn(30, 40, generator=gen)          # flattened row-major
+    residual = torch.randn(30, 40, generator=gen)
+    x = (grad + residual).reshape(-1)
+    r1, r2 = residual.clone(), residual.clone()
+    v1, i1 = K.topk_error_feedback_triton(grad, r1, 6, block_size=256)
+    v2, i2 = K.topk_error_feedback_torch(grad, r2, 6, block_size=256)
+    assert torch.equal(i1, i2) and torch.equal(v1, v2) and torch.equal(r1, r2)
+    num_blocks = (1200 + 255) // 256
+    assert i1.numel() == 6 * num_blocks
+    glob = torch.arange(num_blocks).repeat_interleave(6) * 256 + i1
+    rebuilt = r1.reshape(-1).clone()
+    rebuilt[glob] += v1
+    assert torch.equal(rebuilt, x)
+    for b in range(num_blocks):
+        expect = stable_topk_indices(x[b * 256:(b + 1) * 256], 6)
+        np.testing.assert_array_equal(i1[6 * b:6 * b + 6].numpy(), expect)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_kernel_error_feedback_nan_inf_leaves_residual(backend):
+    for bad in (float("nan"), float("inf")):
+        grad = torch.randn(500)
+        grad[77] = bad
+        residual = torch.randn(500)
+        before = residual.clone()
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            FNS[backend](grad, residual, 5)
+        assert torch.equal(residual, before)
+
+
+def test_kernel_error_feedback_wrong_input():
+    g, r = torch.randn(10), torch.randn(10)
+    with pytest.raises(ValueError, match="shape"):
+        K.topk_error_feedback(g, torch.randn(11), 2)
+    with pytest.raises(ValueError, match="float"):
+        K.topk_error_feedback(g, torch.zeros(10, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="float"):
+        K.topk_error_feedback(torch.zeros(10, dtype=torch.int64), r, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        K.topk_error_feedback(g, r, 11)
+    with pytest.raises(ValueError, match="out of range"):
+        K.topk_error_feedback(g, r, -1)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.topk_error_feedback(torch.randn(5, 4).t(), torch.randn(5, 4).t(), 2)
+    meta = torch.randn(10, device="meta")
+    with pytest.raises(ValueError, match="device"):
+        K.topk_error_feedback(g, meta, 2)
