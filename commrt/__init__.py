@@ -15,3 +15,6 @@ if _os.path.isfile(_os.path.join(_checkout, "transports", "__init__.py")) and \
     __path__.append(_checkout)  # type: ignore[name-defined]
 
 __version__ = "0.1.0"
+
+# Registers the "commrt" torch.distributed backend (cheap: MPI starts with the first group).
+from commrt import backend as _backend  # noqa: E402,F401

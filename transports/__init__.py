@@ -41,6 +41,9 @@ def for_group(group: Any = None):
         if not (dist.is_available() and dist.is_initialized()):
             return world()
         group = dist.group.WORLD
+    comm = getattr(group, "communicator", None)  # the commrt ProcessGroup itself
+    if comm is not None:
+        return comm
     for device in ("cpu", "cuda"):
         try:
             backend = group._get_backend(torch.device(device))

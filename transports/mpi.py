@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import traceback
+import zlib
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -365,6 +366,25 @@ class Communicator:
         new = self.mpi.Create(group)
         group.Free()
         return None if new == MPI.COMM_NULL else Communicator(new)
+
+    def create_group(self, ranks: Sequence[int]) -> "Communicator":
+        """A communicator of `ranks` (this communicator's numbering), created by those
+        members alone (MPI_Comm_create_group): the other ranks need not take part.
+
+        The MPI tag is derived from the member list, so groups with different members
+        created concurrently never match each other's messages.
+        """
+        ranks = [int(r) for r in ranks]
+        if self.rank not in ranks:
+            raise ValueError(f"rank {self.rank} is not a member of group {ranks}")
+        for r in ranks:
+            self._check_rank(r, "group member")
+        group = self.mpi.Get_group().Incl(ranks)
+        tag = zlib.crc32(repr(ranks).encode()) % 32768  # MPI guarantees tags up to 32767
+        try:
+            return Communicator(self.mpi.Create_group(group, tag))
+        finally:
+            group.Free()
 
     def split_shared_memory(self) -> "Communicator":
         """Collective: the ranks of this communicator that share memory (one node)."""

@@ -1,0 +1,12 @@
+"""commrt.collectives: sparse, quantized and cyclic collectives over commrt.transports.
+
+Sparse (SparDL and baselines): `sparse_allreduce`, `SparseAllreduce`, `spar_reduce_scatter`,
+`spar_all_gather`; quantized: `quantized_allreduce`, `QuantizedAllreduce`; schedules as
+plain data in `commrt.collectives.schedules`.
+"""
+from .schedules import (bruck_allgather_schedule, recursive_doubling_schedule,  # noqa: F401
+                        spardl_block_schedule, spardl_round_plan)
+from .sparse import (ALGORITHMS, SAG_VARIANTS, SparseAllreduce, spar_all_gather,  # noqa: F401
+                     spar_reduce_scatter, sparse_allreduce)
+from .quantized import QuantizedAllreduce, quantized_allreduce  # noqa: F401
+from .cyclic import CyclicRing, RingTransfer, cyclic_allreduce  # noqa: F401

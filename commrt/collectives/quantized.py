@@ -1,0 +1,136 @@
+"""Quantized allreduce with error feedback on both phases (8, 4 or 1 bit).
+
+With X = tensor + residual on every rank, padded to P·c elements (c = ⌈n/P⌉ rounded up to
+a multiple of the quantization block, 256 by default) and split into P chunks:
+
+1. Every rank quantizes X (one fp32 scale per block: absmax for 8/4 bit, RMS with sign
+   for 1 bit) and keeps the error, residual ← X − Q(X). An all-to-all sends chunk r of
+   everyone's quantized X to rank r, which dequantizes and sums them (in rank order): S_r.
+2. Rank r re-quantizes its chunk sum, and *adds the re-quantization error S_r − Q(S_r) to
+   its own residual on chunk r*: the owner's next X carries it back into the sum (error
+   feedback on the second phase with no state besides the residual). An all-gather
+   distributes the P quantized chunk sums; every rank dequantizes them: tensor ← Q(S)/P.
+
+So the same invariant as the sparse collectives holds for the user's residual alone:
+
+    Σ_ranks residual_after + P · tensor_after == Σ_ranks (tensor + residual)_before
+
+to float rounding (the owner's residual absorbs the phase-2 error of its chunk).
+
+Wire bytes per rank: 2·(P−1)·q(c) with q(c) = c·bits/8 + 4·c/block (payload + scales):
+(P−1)·q(c) in the all-to-all (kind "quant.all_to_all") and (P−1)/P·P·q(c) in the
+all-gather (kind "quant.all_gather"); messages: one all-to-all and one all-gather.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _kernels as KK
+from ._common import agree, check_pair, dtype_code, resolve_group, work_dtype
+
+BITS = (8, 4, 1)
+
+
+def _param_error(bits: Any, block_size: Any) -> str | None:
+    if bits not in BITS or isinstance(bits, bool):
+        return f"bits={bits!r} must be one of {BITS}"
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 8 \
+            or block_size % 8:
+        return f"block_size={block_size!r} must be a positive multiple of 8"
+    return None
+
+
+class QuantizedAllreduce:
+    """A quantized allreduce call site (see `quantized_allreduce` for the contract).
+
+    Holds the configuration and the resolved group; the error-feedback state of both
+    phases lives in the caller's residual. `last` describes the latest call.
+    """
+
+    def __init__(self, bits: int = 8, *, block_size: int = 256, group: Any = None) -> None:
+        error = _param_error(bits, block_size)
+        if error:
+            raise ValueError(error)
+        self.bits = bits
+        self.block_size = block_size
+        self.group = group
+        self._comm = None
+        self.last: dict[str, Any] = {}
+
+    @property
+    def comm(self):
+        if self._comm is None:
+            self._comm = resolve_group(self.group)
+        return self._comm
+
+    def chunk_size(self, n: int, size: int) -> int:
+        """Elements per rank chunk: ⌈n/P⌉ rounded up to a multiple of the block size."""
+        per_rank = -(-n // size)
+        return -(-per_rank // self.block_size) * self.block_size
+
+    def __call__(self, tensor: torch.Tensor, residual: torch.Tensor, *,
+                 validate: bool = True) -> torch.Tensor:
+        comm = self.comm
+        if validate:
+            error = check_pair(tensor, residual) or _param_error(self.bits, self.block_size)
+            is_tensor = isinstance(tensor, torch.Tensor)
+            agree(comm, error, [tensor.numel() if is_tensor else -1,
+                                dtype_code(tensor.dtype) if is_tensor else -1,
+                                self.bits if self.bits in BITS else -1, 1, 0,
+                                self.block_size if isinstance(self.block_size, int) else -1],
+                  "quantized_allreduce")
+        n = tensor.numel()
+        if n == 0:
+            self.last = {"n": 0}
+            return tensor
+        P, rank, bits, block = comm.size, comm.rank, self.bits, self.block_size
+        dtype = work_dtype(tensor.dtype)
+        c = self.chunk_size(n, P)
+        x = torch.zeros(P * c, dtype=dtype, device=tensor.device)
+        x[:n] = tensor.reshape(-1).to(dtype) + residual.reshape(-1).to(dtype)
+        piece = KK.quantized_nbytes(c, bits, block)
+
+        # Phase 1: quantize (error kept in the residual), chunk r to rank r.
+        send, approx = KK.quantize_rows(x, P, bits, block)
+        new_residual = x - approx.to(dtype)
+        recv = torch.empty_like(send)
+        comm.ialltoall(send.view(-1), recv.view(-1), kind="quant.all_to_all").wait()
+        # rows in rank order, summed along dim 0: the same order on every rank
+        chunk_sum = KK.dequantize_rows(recv, c, bits, block, dtype).sum(0)
+
+        # Phase 2: re-quantize the chunk sum; its error stays in the owner's residual.
+        payload, approx = KK.quantize_rows(chunk_sum, 1, bits, block)
+        new_residual[rank * c:(rank + 1) * c] += chunk_sum - approx.to(dtype)
+        gathered = torch.empty((P, piece), dtype=torch.uint8, device=tensor.device)
+        comm.iallgather(payload.view(-1), gathered.view(-1), kind="quant.all_gather").wait()
+        total = KK.dequantize_rows(gathered, c, bits, block, dtype).view(-1)
+        residual.copy_(new_residual[:n].view(residual.shape))
+        tensor.copy_((total[:n] / P).view(tensor.shape))
+        self.last = {"n": n, "bits": bits, "chunk": c, "piece_nbytes": piece}
+        return tensor
+
+
+def quantized_allreduce(tensor: torch.Tensor, residual: torch.Tensor, bits: int = 8, *,
+                        block_size: int = 256, group: Any = None) -> torch.Tensor:
+    """Quantized mean over ranks with two-phase error feedback, in place (collective).
+
+    `tensor` becomes the mean over ranks of the dequantized two-phase sum (the same on
+    every rank); `residual` the error this rank keeps, including, on its own chunk, the
+    phase-2 re-quantization error, so that
+    Σ_ranks residual_after + P·tensor_after == Σ_ranks (tensor + residual)_before.
+    bits: 8 (int8, absmax scale), 4 (int4, absmax) or 1 (sign, RMS scale); one fp32 scale
+    per `block_size` elements. group: None | Communicator | torch ProcessGroup.
+    Wire bytes per rank: 2·(P−1)·(c·bits/8 + 4·c/block_size), c = per-rank chunk (module
+    docstring). ValueError on every rank for bad bits, a residual of another
+    shape/dtype/device, or sizes/dtypes differing across ranks. Empty tensors: no-op.
+    """
+    comm = resolve_group(group)
+    error = _param_error(bits, block_size)
+    if error:
+        # Shared with every rank first (the same agreement the call below makes), so that
+        # a mistake on one rank cannot leave the others waiting.
+        agree(comm, error, [tensor.numel() if isinstance(tensor, torch.Tensor) else -1,
+                            -1, -1, 1, 0, -1], "quantized_allreduce")
+    return QuantizedAllreduce(bits, block_size=block_size, group=comm)(tensor, residual)

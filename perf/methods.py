@@ -1,0 +1,190 @@
+"""Issue 7's benchmark: DDP (AdamW), DeMo, FlexDeMo, EDiT and A-EDiT on one emulated link.
+
+    python -m perf.methods --out perf/results/methods                  # 8 ranks, 1 Gbit/s
+    python -m perf.methods --out DIR --steps 60 --nprocs 4 --ranks-per-node 2 --link shm
+
+Every method trains the same small GPT from the same seed through ``python -m commrt.train``
+(one ``mpirun`` job per method, over perf/netem.py), the same number of steps. The hybrid
+methods (FlexDeMo, EDiT, A-EDiT) run on the 2-D mesh of ``--ranks-per-node`` ranks per node
+(default 4: 2 nodes × 4 for 8 ranks). ``--topology two-tier`` (default) emulates real
+nodes: ranks of a node share memory, each node reaches the others through its own NIC
+shaped at ``--link``; ``--topology flat`` puts every rank behind one shaped loopback.
+
+Reported per method, from the runs' ``metrics.jsonl`` / ``summary.json``:
+
+* final validation loss, and its gap to DDP's (target: within 3% at equal steps/tokens);
+* wall clock to reach DDP's final validation loss, and DDP's time over it (target: ≥ 3×);
+* wire bytes per step per rank (transport counters), exposed communication share.
+
+Writes ``DIR/<method>/`` (training runs), ``DIR/summary.json``, ``DIR/table.md`` and
+``DIR/loss_vs_wall.png``. A method that fails is reported as failed, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from perf.netem import LinkUnavailable, launch_mpi
+from perf.train_bench import plot, read_metrics, time_to_target
+
+METHODS = ("ddp", "demo", "flexdemo", "edit", "aedit")
+HYBRID = ("flexdemo", "edit", "aedit")
+
+
+def method_args(method: str, args: argparse.Namespace) -> list[str]:
+    """commrt.train flags of one method (the issue's settings)."""
+    extra = ["--method", method]
+    if method in HYBRID:
+        extra += ["--ranks-per-node", str(args.ranks_per_node)]
+    if method in ("demo", "flexdemo"):
+        extra += ["--topk", str(args.topk), "--chunk", str(args.chunk),
+                  "--value-bits", str(args.value_bits)]
+    if method in ("edit", "aedit"):
+        extra += ["--warmup-steps", str(args.warmup_steps)]
+    if method == "edit":
+        extra += ["--sync-interval", str(args.sync_interval)]
+    if method == "aedit":
+        extra += ["--sync-seconds", str(args.sync_seconds)]
+    return extra
+
+
+def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    run_dir = out / method
+    cmd = ["--steps", str(args.steps), "--model", args.model, "--log-interval",
+           str(args.log_interval), "--eval-interval", str(args.eval_interval), "--eval-iters",
+           str(args.eval_iters), "--out", str(run_dir), "--quiet", "--seed", str(args.seed),
+           "--lr", str(args.lr), *method_args(method, args), *args.train_args]
+    entry: dict[str, Any] = dict(method=method, link=args.link, world_size=args.nprocs,
+                                 topology=args.topology, command=" ".join(cmd))
+    start = time.perf_counter()
+    try:
+        proc = launch_mpi(args.nprocs, "commrt.train", cmd, link=args.link,
+                          ranks_per_node=args.ranks_per_node if args.topology == "two-tier"
+                          else None, timeout=args.timeout, check=False)
+        entry["status"] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        if proc.returncode != 0:
+            entry["error"] = (proc.stdout[-1500:] + "\n" + proc.stderr[-2500:]).strip()
+    except subprocess.TimeoutExpired:
+        entry["status"] = f"timeout ({args.timeout:.0f}s)"
+    entry["job_wall_s"] = round(time.perf_counter() - start, 1)
+    metrics = read_metrics(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    entry["val_curve"] = [(float(m["wall_s"]), float(m["val_loss"])) for m in metrics
+                          if m.get("val_loss") is not None]
+    wall = summary.get("wall_s") or (metrics[-1]["wall_s"] if metrics else None)
+    steps = summary.get("steps") or (metrics[-1]["step"] if metrics else None)
+    comm = summary.get("comm_s")
+    entry.update(final_val_loss=summary.get(
+        "final_val_loss", entry["val_curve"][-1][1] if entry["val_curve"] else None),
+        train_wall_s=wall, steps=steps, tokens=summary.get("tokens"),
+        bytes_per_step=summary.get("wire_bytes_per_step"),
+        exposed_comm_share=(comm / wall) if comm is not None and wall else None)
+    print(f"  [{entry['status']}] {method}: final val {entry['final_val_loss']}, "
+          f"train {wall} s, job {entry['job_wall_s']} s", flush=True)
+    if entry.get("error"):
+        print(entry["error"][-1500:], file=sys.stderr)
+    return entry
+
+
+def judge(results: dict[str, dict]) -> None:
+    """Add the issue's two criteria relative to DDP to every entry."""
+    ddp = results.get("ddp")
+    if not ddp or ddp.get("final_val_loss") is None or not ddp.get("val_curve"):
+        return
+    target = ddp["final_val_loss"]
+    ddp_time = time_to_target([{"val_loss": v, "wall_s": w} for w, v in ddp["val_curve"]],
+                              target)
+    for r in results.values():
+        if r.get("final_val_loss") is None:
+            continue
+        r["loss_gap_vs_ddp"] = r["final_val_loss"] / target - 1.0
+        r["within_3pct"] = r["loss_gap_vs_ddp"] <= 0.03
+        t = time_to_target([{"val_loss": v, "wall_s": w} for w, v in r["val_curve"]], target)
+        r["time_to_ddp_final_s"] = t
+        r["speedup_vs_ddp"] = (ddp_time / t) if t and ddp_time else None
+        r["speedup_3x"] = r["speedup_vs_ddp"] is not None and r["speedup_vs_ddp"] >= 3.0
+
+
+def table(summary: dict) -> str:
+    def f(x: Any, fmt: str) -> str:
+        return "–" if x is None else format(x, fmt)
+
+    lines = [f"{summary['world_size']} ranks ({summary['topology']}, "
+             f"{summary['ranks_per_node']} ranks/node for the hybrid methods), link "
+             f"{summary['link']}, model {summary['model']}, {summary['steps']} steps. "
+             f"Target: DDP's final validation loss {f(summary.get('target_loss'), '.4f')}.", "",
+             "| method | status | final val loss | gap vs DDP | time to DDP's final loss (s) "
+             "| speedup vs DDP | train wall (s) | wire bytes/step/rank | exposed comm |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["methods"]:
+        gap = r.get("loss_gap_vs_ddp")
+        t = r.get("time_to_ddp_final_s")
+        share = r.get("exposed_comm_share")
+        lines.append(
+            f"| {r['method']} | {r['status']} | {f(r.get('final_val_loss'), '.4f')} | "
+            f"{'–' if gap is None else format(100 * gap, '+.1f') + '%'} | "
+            f"{f(t, '.1f') if t is not None else 'not reached'} | "
+            f"{f(r.get('speedup_vs_ddp'), '.2f')} | {f(r.get('train_wall_s'), '.1f')} | "
+            f"{f(r.get('bytes_per_step'), ',.0f')} | "
+            f"{'–' if share is None else format(100 * share, '.0f') + '%'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m perf.methods", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--link", default="1gbit")
+    p.add_argument("--topology", default="two-tier", choices=["two-tier", "flat"])
+    p.add_argument("--nprocs", type=int, default=8)
+    p.add_argument("--ranks-per-node", type=int, default=4)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--eval-interval", type=int, default=20)
+    p.add_argument("--eval-iters", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--value-bits", type=int, default=8, choices=[32, 16, 8])
+    p.add_argument("--sync-interval", type=int, default=8)
+    p.add_argument("--sync-seconds", type=float, default=1.0)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per method")
+    p.add_argument("train_args", nargs="*", help="extra commrt.train arguments (after --)")
+    args = p.parse_args(argv)
+    if args.nprocs % args.ranks_per_node:
+        p.error(f"--ranks-per-node {args.ranks_per_node} must divide --nprocs {args.nprocs}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    try:
+        for method in methods:
+            results[method] = run_method(method, args, out)
+    except LinkUnavailable as exc:
+        print(f"perf.methods: {exc} (rerun with --link shm)", file=sys.stderr)
+        raise SystemExit(2) from None
+    judge(results)
+    target = results.get("ddp", {}).get("final_val_loss")
+    png = plot(results, target, out / "loss_vs_wall.png",
+               f"{args.nprocs} ranks, {args.link} ({args.topology}): validation loss vs wall clock")
+    summary = dict(link=args.link, topology=args.topology, world_size=args.nprocs,
+                   ranks_per_node=args.ranks_per_node, model=args.model, steps=args.steps,
+                   target_loss=target, plot=str(png) if png else None,
+                   methods=list(results.values()))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = table(summary)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

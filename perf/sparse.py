@@ -1,0 +1,291 @@
+"""Benchmark of the sparse and quantized allreduce: time, wire bytes, speedup over dense.
+
+Sweeps n (floats per rank), density, world size and algorithm — dense, spardl (1 team),
+spardl2 (2 teams, B-SAG), topka, gtopk, quant8, quant1 — on plain shared memory and on an
+emulated link (DESIGN.md section 6, via perf.netem: a network namespace whose loopback is
+shaped by tc, always deleted afterwards), and writes under --out:
+
+    sparse.json   one record per (link, world_size, n, density, algorithm):
+                  time_ms (median over iterations of the slowest rank), wire_bytes
+                  (per rank: mean over ranks, from commrt.transports.wire), messages,
+                  speedup (dense time / time, same link, world size and n)
+    sparse.md     the table
+    sparse.png    speedup over dense versus density, one panel per (link, world size, n)
+
+Usage (the driver launches one MPI job per (link, world size) with --worker)::
+
+    python -m perf.sparse --sizes 1M,16M --densities 0.001,0.01,0.1 --world-sizes 4,8,16 \
+        --links shm,1gbit --iters 3 --out perf/results/sparse
+
+Sizes accept K/M suffixes (powers of two: 1M = 2^20). Without root/ip/tc the shaped links
+are reported as unavailable and skipped. The gradient is float32 random normal per rank;
+every algorithm is timed on the same data after --warmup calls (SparDL's adaptive h has
+settled by then); the cross-rank input check runs only on the first call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ALGORITHMS = ("dense", "spardl", "spardl2", "topka", "gtopk", "quant8", "quant1")
+DENSITY_FREE = ("dense", "quant8", "quant1")
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if text[-1:] in "KMG" else text) * scale)
+
+
+def format_size(n: int) -> str:
+    for suffix, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{suffix}"
+    return str(n)
+
+
+# --------------------------------------------------------------------------------------
+# worker: runs on every rank of one MPI job
+
+
+def _make_reducer(algorithm: str, density: float, P: int):
+    from commrt.collectives import QuantizedAllreduce, SparseAllreduce
+
+    if algorithm.startswith("quant"):
+        return QuantizedAllreduce(int(algorithm[5:]))
+    if algorithm == "spardl2":
+        return SparseAllreduce(density, "spardl", teams=2)
+    return SparseAllreduce(density, algorithm)
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from commrt import transports as T
+
+    torch.set_num_threads(1)
+    comm = T.world()
+    P = comm.size
+    records: list[dict[str, Any]] = []
+    for n in args.sizes:
+        g = torch.Generator().manual_seed(comm.rank)
+        grad = torch.randn(n, generator=g)
+        for algorithm in args.algorithms:
+            if algorithm == "spardl2" and (P % 2 or P < 4):
+                continue
+            densities = [None] if algorithm in DENSITY_FREE else args.densities
+            for density in densities:
+                reducer = _make_reducer(algorithm, density or 1.0, P)
+                residual = torch.zeros(n)
+                times, wire, msgs = [], [], []
+                for it in range(args.warmup + args.iters):
+                    tensor = grad.clone()
+                    comm.barrier()
+                    before = T.wire.snapshot()
+                    start = time.perf_counter()
+                    reducer(tensor, residual, validate=it == 0)
+                    elapsed = time.perf_counter() - start
+                    delta = T.snapshot_delta(T.wire.snapshot(), before)
+                    if it >= args.warmup:
+                        times.append(elapsed)
+                        wire.append(sum(b for b, _ in delta.values()))
+                        msgs.append(sum(m for _, m in delta.values()))
+                # the collective's time is the slowest rank's
+                slowest = comm.allgather_object(times)
+                per_iter = [max(ts[i] for ts in slowest) for i in range(len(times))]
+                wire_all = comm.allgather_object(statistics.mean(wire))
+                msgs_all = comm.allgather_object(max(msgs))
+                records.append({
+                    "world_size": P, "n": n, "algorithm": algorithm, "density": density,
+                    "time_ms": 1e3 * statistics.median(per_iter),
+                    "wire_bytes": statistics.mean(wire_all),
+                    "wire_bytes_max": max(wire_all), "messages_max": max(msgs_all),
+                    "iters": args.iters,
+                })
+                if comm.rank == 0:
+                    r = records[-1]
+                    print(f"P={P} n={format_size(n)} {algorithm} density={density} "
+                          f"{r['time_ms']:.1f} ms {r['wire_bytes'] / 1e6:.3f} MB", flush=True)
+                del residual
+    if comm.rank == 0:
+        Path(args.json).write_text(json.dumps(records))
+
+
+# --------------------------------------------------------------------------------------
+# driver
+
+
+def add_speedups(records: list[dict[str, Any]]) -> None:
+    dense = {(r["link"], r["world_size"], r["n"]): r["time_ms"]
+             for r in records if r["algorithm"] == "dense"}
+    dense_bytes = {(r["link"], r["world_size"], r["n"]): r["wire_bytes"]
+                   for r in records if r["algorithm"] == "dense"}
+    for r in records:
+        key = (r["link"], r["world_size"], r["n"])
+        r["speedup"] = dense[key] / r["time_ms"] if key in dense and r["time_ms"] > 0 else None
+        r["byte_ratio"] = (dense_bytes[key] / r["wire_bytes"]
+                           if key in dense_bytes and r["wire_bytes"] else None)
+
+
+def markdown(records: list[dict[str, Any]], header: str) -> str:
+    lines = [header, "",
+             "| link | P | n | algorithm | density | time (ms) | wire MB/rank | messages | "
+             "speedup vs dense | bytes vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {a: i for i, a in enumerate(ALGORITHMS)}
+    for r in sorted(records, key=lambda r: (r["link"], r["world_size"], r["n"],
+                                            order[r["algorithm"]], r["density"] or 0)):
+        sp = f"{r['speedup']:.2f}×" if r.get("speedup") else "-"
+        br = f"{r['byte_ratio']:.1f}×" if r.get("byte_ratio") else "-"
+        dens = f"{100 * r['density']:g}%" if r["density"] else "-"
+        lines.append(f"| {r['link']} | {r['world_size']} | {format_size(r['n'])} | "
+                     f"{r['algorithm']} | {dens} | {r['time_ms']:.1f} | "
+                     f"{r['wire_bytes'] / 1e6:.3f} | {r['messages_max']} | {sp} | {br} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = sorted({(r["link"], r["world_size"], r["n"]) for r in records})
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (link, P, n) in zip(axes.flat, panels):
+        mine = [r for r in records if (r["link"], r["world_size"], r["n"]) == (link, P, n)]
+        densities = sorted({r["density"] for r in mine if r["density"]})
+        for algorithm in ALGORITHMS:
+            pts = sorted((r["density"], r["speedup"]) for r in mine
+                         if r["algorithm"] == algorithm and r.get("speedup") and r["density"])
+            if pts:
+                ax.plot([100 * d for d, _ in pts], [s for _, s in pts], marker="o",
+                        label=algorithm)
+            elif algorithm != "dense" and densities:
+                flat = [r["speedup"] for r in mine if r["algorithm"] == algorithm
+                        and r.get("speedup")]
+                if flat:
+                    ax.plot([100 * densities[0], 100 * densities[-1]], [flat[0]] * 2,
+                            linestyle="--", label=algorithm)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("density (%)")
+        ax.set_ylabel("speedup over dense")
+        ax.set_title(f"{link}, P={P}, n={format_size(n)}")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_driver(args: argparse.Namespace) -> int:
+    from perf.netem import LinkUnavailable, launch_mpi
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for link in args.links:
+        for P in args.world_sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                result = Path(tmp) / "records.json"
+                worker_args = ["--worker", "--json", str(result),
+                               "--sizes", ",".join(map(str, args.sizes)),
+                               "--densities", ",".join(map(str, args.densities)),
+                               "--algorithms", ",".join(args.algorithms),
+                               "--iters", str(args.iters), "--warmup", str(args.warmup)]
+                started = time.perf_counter()
+                try:
+                    proc = launch_mpi(P, "perf.sparse", worker_args, link=link,
+                                      timeout=args.timeout, check=False)
+                except LinkUnavailable as exc:
+                    skipped.append(f"{link}: unavailable ({exc})")
+                    print(f"[perf.sparse] link {link} unavailable: {exc}", file=sys.stderr)
+                    break
+                except Exception as exc:  # a timeout: report it, keep the other points
+                    skipped.append(f"{link} P={P}: {type(exc).__name__}")
+                    print(f"[perf.sparse] {link} P={P} failed: {exc}", file=sys.stderr)
+                    continue
+                sys.stdout.write(proc.stdout)
+                if proc.returncode != 0 or not result.exists():
+                    skipped.append(f"{link} P={P}: exit {proc.returncode}")
+                    sys.stderr.write(proc.stderr[-3000:])
+                    continue
+                for r in json.loads(result.read_text()):
+                    r["link"] = link
+                    records.append(r)
+                print(f"[perf.sparse] {link} P={P}: {time.perf_counter() - started:.0f} s",
+                      flush=True)
+    add_speedups(records)
+    header = (f"# Sparse allreduce benchmark\n\nhost: {os.uname().nodename}, "
+              f"{os.cpu_count()} CPUs, no GPU (CPU tensors); iterations {args.iters} "
+              f"after {args.warmup} warm-up; time = median over iterations of the slowest "
+              f"rank; wire bytes per rank from commrt.transports.wire."
+              + (f"\n\nnot run: {'; '.join(skipped)}" if skipped else ""))
+    (out / "sparse.json").write_text(json.dumps(records, indent=1))
+    (out / "sparse.md").write_text(markdown(records, header))
+    plotted = plot(records, out / "sparse.png")
+    print(markdown(records, header))
+    print(f"[perf.sparse] wrote {out}/sparse.json, sparse.md"
+          + (", sparse.png" if plotted else " (no plot: matplotlib missing)"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    return 0 if records else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m perf.sparse", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1M", help="floats per rank, comma separated (1M,16M)")
+    p.add_argument("--densities", default="0.001,0.01,0.1")
+    p.add_argument("--world-sizes", default="4", help="comma separated, e.g. 4,8,16")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                   help=f"subset of {','.join(ALGORITHMS)}")
+    p.add_argument("--links", default="shm,1gbit", help="shm and/or shaped rates (1gbit...)")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per MPI job")
+    p.add_argument("--out", default="perf/results/sparse")
+    p.add_argument("--json", default=None, help="also write the records here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+    args.densities = [float(d) for d in args.densities.split(",") if d]
+    args.world_sizes = [int(w) for w in args.world_sizes.split(",") if w]
+    args.algorithms = [a for a in args.algorithms.split(",") if a]
+    args.links = [link for link in args.links.split(",") if link]
+    bad = [a for a in args.algorithms if a not in ALGORITHMS]
+    if bad:
+        p.error(f"unknown algorithms {bad}; choose from {ALGORITHMS}")
+    if any(not 0 < d <= 1 for d in args.densities):
+        p.error("densities must lie in (0, 1]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    return run_driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Every torch.distributed collective on the `commrt` backend, every dtype, against a
+single-process reference (float64/int64) of the ranks' inputs; sync, async+wait() and
+async+get_future(); non-contiguous inputs; object collectives."""
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _backend_util import ALL_DTYPES, FLOAT_DTYPES, assert_close, init_commrt, rank_input
+from mpi_harness import run_ranks
+
+R = dist.ReduceOp
+
+
+def _reference(inputs: list[torch.Tensor], op, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bool:
+        stack = torch.stack([t.to(torch.int64) for t in inputs])
+        if op in (R.SUM, R.MAX, R.BOR):
+            return stack.amax(0).bool()
+        if op in (R.MIN, R.PRODUCT, R.BAND):
+            return stack.amin(0).bool()
+        return (stack.sum(0) % 2).bool()  # BXOR
+    wide = torch.float64 if dtype.is_floating_point else torch.int64
+    stack = torch.stack([t.to(wide) for t in inputs])
+    if op == R.SUM:
+        out = stack.sum(0)
+    elif op == R.AVG:
+        out = stack.sum(0) / len(inputs)
+    elif op == R.MAX:
+        out = stack.amax(0)
+    elif op == R.MIN:
+        out = stack.amin(0)
+    elif op == R.PRODUCT:
+        out = stack.prod(0)
+    else:
+        fn = {R.BAND: torch.bitwise_and, R.BOR: torch.bitwise_or, R.BXOR: torch.bitwise_xor}[op]
+        out = functools.reduce(fn, list(stack))
+    return out.to(dtype)
+
+
+def _ops_for(dtype: torch.dtype) -> list:
+    if dtype.is_floating_point:
+        return [R.SUM, R.AVG, R.MAX, R.MIN, R.PRODUCT]
+    return [R.SUM, R.MAX, R.MIN, R.PRODUCT, R.BAND, R.BOR, R.BXOR]
+
+
+def _finish(work, mode: str, expected_result: list | None = None) -> None:
+    """Complete an async op the way `mode` says and check what its future returns."""
+    if mode == "sync":
+        if work is not None:
+            raise AssertionError("a synchronous collective returned a Work")
+        return
+    if mode == "wait":
+        if work.wait() is not True:
+            raise AssertionError("Work.wait() did not return True")
+        return
+    value = work.get_future().wait()
+    if expected_result is not None:
+        if len(value) != len(expected_result) or any(
+                v is not e for v, e in zip(value, expected_result)):
+            raise AssertionError("the future's value is not the op's output tensors")
+
+
+ASYNC_DTYPES = [torch.float32, torch.bfloat16, torch.int32, torch.bool]
+
+
+def _noncontig(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view holding t's values (every other element of a larger buffer)."""
+    base = torch.zeros(t.numel(), 2, dtype=t.dtype)
+    base[:, 0] = t.reshape(-1)
+    view = base[:, 0]
+    assert not view.is_contiguous()
+    return view
+
+
+def _all_ops_worker(seed: int) -> None:
+    init_commrt()
+    rank, P = dist.get_rank(), dist.get_world_size()
+    n = 7
+    for mode in ("sync", "wait", "future"):
+        async_op = mode != "sync"
+        # every dtype synchronously; a representative subset asynchronously (time budget)
+        for dtype in ALL_DTYPES if mode == "sync" else ASYNC_DTYPES:
+            tag = f"{mode}/{dtype}"
+            # all_reduce, every reduction (product on small values so it stays exact)
+            for op in _ops_for(dtype) if dtype != torch.bool else [R.SUM, R.MAX, R.MIN, R.PRODUCT,
+                                                                     R.BAND, R.BOR, R.BXOR]:
+                small = op == R.PRODUCT
+                case = f"ar{op}{tag}"
+                ins = [rank_input(seed, r, case, (n,), dtype, small) for r in range(P)]
+                t = ins[rank].clone()
+                work = dist.all_reduce(t, op=op, async_op=async_op)
+                _finish(work, mode, [t])
+                assert_close(t, _reference(ins, op, dtype), f"all_reduce {op} {tag}")
+
+            # all_reduce on a non-contiguous view: the view is reduced, its neighbours kept
+            ins = [rank_input(seed, r, f"nc{tag}", (n,), dtype) for r in range(P)]
+            view = _noncontig(ins[rank])
+            _finish(dist.all_reduce(view, op=R.MAX, async_op=async_op), mode)
+            assert_close(view, _reference(ins, R.MAX, dtype), f"non-contiguous all_reduce {tag}")
+            assert_close(view._base[:, 1], torch.zeros(n, dtype=dtype), "neighbour column")
+
+            # broadcast from the last rank
+            root = P - 1
+            t = rank_input(seed, rank, f"bc{tag}", (3, 2), dtype)
+            expected = rank_input(seed, root, f"bc{tag}", (3, 2), dtype)
+            _finish(dist.broadcast(t, src=root, async_op=async_op), mode, [t])
+            assert_close(t, expected, f"broadcast {tag}")
+
+            # reduce to rank 0 (SUM), non-roots keep their input
+            ins = [rank_input(seed, r, f"rd{tag}", (n,), dtype) for r in range(P)]
+            t = ins[rank].clone()
+            _finish(dist.reduce(t, dst=0, op=R.SUM, async_op=async_op), mode)
+            assert_close(t, _reference(ins, R.SUM, dtype) if rank == 0 else ins[rank],
+                         f"reduce {tag}")
+
+            # all_gather (list) and all_gather_into_tensor, non-contiguous input
+            ins = [rank_input(seed, r, f"ag{tag}", (2, 3), dtype) for r in range(P)]
+            outs = [torch.empty(2, 3, dtype=dtype) for _ in range(P)]
+            src = ins[rank].t().contiguous().t()  # same values, column-major strides
+            _finish(dist.all_gather(outs, src, async_op=async_op), mode)
+            for r in range(P):
+                assert_close(outs[r], ins[r], f"all_gather slot {r} {tag}")
+            flat = torch.empty(P * 2, 3, dtype=dtype)
+            _finish(dist.all_gather_into_tensor(flat, src, async_op=async_op), mode, [flat])
+            assert_close(flat, torch.cat(ins), f"all_gather_into_tensor {tag}")
+
+            # reduce_scatter (list) and reduce_scatter_tensor
+            red_ops = [R.SUM, R.AVG] if dtype in FLOAT_DTYPES else [R.SUM]
+            for op in red_ops:
+                full = [rank_input(seed, r, f"rs{op}{tag}", (P * 3,), dtype) for r in range(P)]
+                expected = _reference(full, op, dtype)[rank * 3:(rank + 1) * 3]
+                out = torch.empty(3, dtype=dtype)
+                _finish(dist.reduce_scatter_tensor(out, full[rank], op=op, async_op=async_op),
+                        mode, [out])
+                assert_close(out, expected, f"reduce_scatter_tensor {op} {tag}")
+                out2 = torch.empty(3, dtype=dtype)
+                _finish(dist.reduce_scatter(out2, list(full[rank].chunk(P)), op=op,
+                                            async_op=async_op), mode)
+                assert_close(out2, expected, f"reduce_scatter {op} {tag}")
+
+            # all_to_all_single, uneven splits: rank r sends (r + s) % 3 rows of width 2 to s
+            splits = lambda src, dst: (src + dst) % 3  # noqa: E731
+            send_rows = [splits(rank, s) for s in range(P)]
+            recv_rows = [splits(s, rank) for s in range(P)]
+            inp = rank_input(seed, rank, f"a2a{tag}", (sum(send_rows), 2), dtype)
+            out = torch.empty(sum(recv_rows), 2, dtype=dtype)
+            _finish(dist.all_to_all_single(out, inp, recv_rows, send_rows, async_op=async_op),
+                    mode, [out])
+            pieces = []
+            for s in range(P):
+                their = rank_input(seed, s, f"a2a{tag}", (sum(splits(s, d) for d in range(P)), 2),
+                                   dtype)
+                start = sum(splits(s, d) for d in range(rank))
+                pieces.append(their[start:start + splits(s, rank)])
+            assert_close(out, torch.cat(pieces), f"all_to_all_single uneven {tag}")
+
+            # even all_to_all_single (no splits) and all_to_all (list of uneven tensors)
+            inp = rank_input(seed, rank, f"a2e{tag}", (P * 2,), dtype)
+            out = torch.empty(P * 2, dtype=dtype)
+            _finish(dist.all_to_all_single(out, inp, async_op=async_op), mode)
+            expected = torch.cat([rank_input(seed, s, f"a2e{tag}", (P * 2,), dtype)[2 * rank:2 * rank + 2]
+                                  for s in range(P)])
+            assert_close(out, expected, f"all_to_all_single even {tag}")
+            ins = [rank_input(seed, rank, f"a2l{tag}{d}", (splits(rank, d) + 1,), dtype)
+                   for d in range(P)]
+            outs = [torch.empty(splits(s, rank) + 1, dtype=dtype) for s in range(P)]
+            _finish(dist.all_to_all(outs, ins, async_op=async_op), mode)
+            for s in range(P):
+                assert_close(outs[s], rank_input(seed, s, f"a2l{tag}{rank}", (splits(s, rank) + 1,),
+                                                 dtype), f"all_to_all from {s} {tag}")
+
+            # gather to rank P//2, scatter from rank 0
+            groot = P // 2
+            ins = [rank_input(seed, r, f"ga{tag}", (4,), dtype) for r in range(P)]
+            outs = [torch.empty(4, dtype=dtype) for _ in range(P)] if rank == groot else None
+            _finish(dist.gather(ins[rank], outs, dst=groot, async_op=async_op), mode)
+            if rank == groot:
+                for r in range(P):
+                    assert_close(outs[r], ins[r], f"gather slot {r} {tag}")
+            chunks = [rank_input(seed, 0, f"sc{tag}{r}", (4,), dtype) for r in range(P)]
+            out = torch.empty(4, dtype=dtype)
+            _finish(dist.scatter(out, chunks if rank == 0 else None, src=0, async_op=async_op), mode)
+            assert_close(out, chunks[rank], f"scatter {tag}")
+
+        _finish(dist.barrier(async_op=async_op), mode)
+
+    # several async ops in flight at once, completed out of issue order
+    ins = [[rank_input(seed, r, f"multi{i}", (5,), torch.float32) for r in range(P)] for i in range(4)]
+    ts = [ins[i][rank].clone() for i in range(4)]
+    works = [dist.all_reduce(t, async_op=True) for t in ts]
+    futs = [works[1].get_future(), works[3].get_future()]
+    works[2].wait()
+    torch.futures.wait_all(futs)
+    works[0].wait()
+    for i in range(4):
+        assert_close(ts[i], _reference(ins[i], R.SUM, torch.float32), f"in-flight op {i}")
+    # a callback chained on a future issues another collective (as DDP comm hooks do)
+    t = torch.full((3,), float(rank + 1))
+    chained = dist.all_reduce(t, async_op=True).get_future().then(
+        lambda fut: dist.all_reduce(fut.value()[0] * 2, async_op=True).get_future().wait()[0])
+    doubled = chained.wait()
+    s = P * (P + 1) / 2
+    assert_close(doubled, torch.full((3,), 2 * s * P), "collective inside a future callback")
+
+    # object collectives
+    objs = [{"rank": rank, "data": list(range(rank))}, f"from {rank}"]
+    dist.broadcast_object_list(objs, src=P - 1)
+    if objs != [{"rank": P - 1, "data": list(range(P - 1))}, f"from {P - 1}"]:
+        raise AssertionError(f"broadcast_object_list: {objs}")
+    gathered = [None] * P
+    dist.all_gather_object(gathered, ("x" * rank, rank))  # uneven pickled sizes
+    if gathered != [("x" * r, r) for r in range(P)]:
+        raise AssertionError(f"all_gather_object: {gathered}")
+    got = [None] * P if rank == 0 else None
+    dist.gather_object({"r": rank}, got, dst=0)
+    if rank == 0 and got != [{"r": r} for r in range(P)]:
+        raise AssertionError(f"gather_object: {got}")
+    recv = [None]
+    dist.scatter_object_list(recv, [f"item{r}" for r in range(P)] if rank == 0 else None, src=0)
+    if recv != [f"item{rank}"]:
+        raise AssertionError(f"scatter_object_list: {recv}")
+
+    # all_reduce_coalesced through the coalescing manager
+    ins = [[rank_input(seed, r, f"co{i}", (i + 2,), torch.float32) for r in range(P)]
+           for i in range(3)]
+    ts = [ins[i][rank].clone() for i in range(3)]
+    with dist._coalescing_manager(async_ops=True) as cm:
+        for t in ts:
+            dist.all_reduce(t)
+    cm.wait()
+    for i in range(3):
+        assert_close(ts[i], _reference(ins[i], R.SUM, torch.float32), f"coalesced all_reduce {i}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4, 5])
+def test_coll_backend_all_ops(nprocs: int) -> None:
+    run_ranks(_all_ops_worker, nprocs, timeout=240, seed=random.randrange(1 << 30))

@@ -1,0 +1,169 @@
+"""DeMo (commrt.optim.DeMo): lossless limit equals data-parallel SGD, transmitted + remaining
+momentum equals the accumulated momentum, wire bytes match the docstring formula."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mpi_harness import run_ranks
+
+SHAPES = [(16, 24), (10,), (4, 3, 8), (7,)]
+LR = 0.05
+
+
+def _dct_matrix(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II basis in float64, from the formula."""
+    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    c[0] *= 1 / math.sqrt(2.0)
+    return c
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def _chunk_coeffs(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(nchunks, chunk elements) float64 block DCT of x: 2-D blocks for ≥2-D tensors."""
+    x = x.double()
+    if x.dim() < 2:
+        c = _largest_divisor(x.numel(), chunk)
+        return x.reshape(-1, c) @ _dct_matrix(c).T
+    rows, cols = x.shape[0], x.numel() // x.shape[0]
+    cr, cc = _largest_divisor(rows, chunk), _largest_divisor(cols, chunk)
+    blocks = x.reshape(rows // cr, cr, cols // cc, cc).permute(0, 2, 1, 3).reshape(-1, cr, cc)
+    return torch.einsum("ai,nij,bj->nab", _dct_matrix(cr), blocks, _dct_matrix(cc)).reshape(
+        -1, cr * cc)
+
+
+def _grad(seed: int, rank: int, step: int, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100003 + rank * 1009 + step * 17 + len(shape))
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def _params(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def _expected_payload(chunk: int, topk: int, value_bytes: int) -> int:
+    total = 0
+    for s in SHAPES:
+        coeffs = _chunk_coeffs(torch.zeros(s), chunk)
+        nchunks, elems = coeffs.shape
+        k = min(topk, elems)
+        total += nchunks * k * (2 + value_bytes)
+        if value_bytes == 1 and k < 8:
+            total += 4 * nchunks
+    return total
+
+
+def _demo_worker(seed: int) -> None:
+    from commrt import transports as T
+    from commrt.optim import DeMo
+
+    comm = T.world()
+    P, rank = comm.size, comm.rank
+
+    # 1. top-k = whole chunk, no sign: the buffer empties every step and DeMo is plain
+    #    data-parallel SGD at lr² (δ = lr·g, update lr·mean δ), with decoupled weight decay.
+    params = _params(seed)
+    ref = [p.detach().double().clone() for p in params]
+    wd = 0.1
+    opt = DeMo(params, lr=LR, compression_decay=0.9, compression_topk=16, compression_chunk=4,
+               weight_decay=wd, sign=False)
+    expected_bytes = (P - 1) * _expected_payload(4, 16, 4)
+    for step in range(3):
+        for i, p in enumerate(params):
+            p.grad = _grad(seed, rank, step, p.shape).float()
+        before = T.wire.bytes("demo.all_gather")
+        opt.step()
+        sent = T.wire.bytes("demo.all_gather") - before
+        assert sent == opt.last_step_wire_bytes == expected_bytes, \
+            (sent, opt.last_step_wire_bytes, expected_bytes)
+        for i, p in enumerate(params):
+            mean_g = sum(_grad(seed, r, step, p.shape) for r in range(P)) / P
+            ref[i] = ref[i] * (1 - LR * wd) - LR * LR * mean_g
+            torch.testing.assert_close(p.detach().double(), ref[i], rtol=1e-5, atol=1e-6)
+            assert opt.state[p]["delta"].abs().max() < 1e-6, "momentum not emptied"
+
+    # 2. small top-k: transmitted + remaining == accumulated momentum; the applied update is
+    #    the mean of what every rank transmitted; each transmitted chunk has ≤ k coefficients.
+    for value_bits, sign in ((32, False), (8, False), (8, True)):
+        params = _params(seed + 1)
+        topk, beta = 3, 0.8
+        opt = DeMo(params, lr=LR, compression_decay=beta, compression_topk=topk,
+                   compression_chunk=4, sign=sign, value_bits=value_bits)
+        vb = {32: 4, 16: 2, 8: 1}[value_bits]
+        for step in range(4):
+            prev_delta, prev_p = [], []
+            for p in params:
+                p.grad = _grad(seed + 7, rank, step, p.shape).float()
+                st = opt.state.get(p, {})
+                prev_delta.append(st["delta"].double().clone() if "delta" in st
+                                  else torch.zeros(p.shape, dtype=torch.float64))
+                prev_p.append(p.detach().double().clone())
+            before = T.wire.bytes("demo.all_gather")
+            opt.step()
+            sent = T.wire.bytes("demo.all_gather") - before
+            assert sent == opt.last_step_wire_bytes == (P - 1) * _expected_payload(4, topk, vb)
+            for i, p in enumerate(params):
+                accumulated = beta * prev_delta[i] + LR * p.grad.double()
+                remaining = opt.state[p]["delta"].double()
+                transmitted = accumulated - remaining
+                coeffs = _chunk_coeffs(transmitted, 4)
+                acc_coeffs = _chunk_coeffs(accumulated, 4)
+                k = min(topk, coeffs.shape[1])
+                scale = acc_coeffs.abs().max().item()
+                nonzero = (coeffs.abs() > 1e-5 * scale).sum(dim=1)
+                assert (nonzero <= k).all(), f"a chunk transmitted {nonzero.max()} > {k}"
+                # the kept coefficients are the chunk's largest ones, at their value
+                kept = acc_coeffs.abs().topk(k, dim=1).indices
+                tol = 1e-5 if value_bits == 32 else acc_coeffs.abs().amax(1, keepdim=True) / 127
+                err = (coeffs.gather(1, kept) - acc_coeffs.gather(1, kept)).abs()
+                assert (err <= tol * 0.51 + 1e-6 * scale).all(), err.max()
+                total = torch.tensor(comm.mpi.allreduce(transmitted.numpy())) / P
+                applied = (prev_p[i] - p.detach().double()) / LR
+                if sign:
+                    clear = total.abs() > 1e-5 * total.abs().max()
+                    torch.testing.assert_close(applied[clear], total.sign()[clear], rtol=0,
+                                               atol=1e-4)
+                else:
+                    torch.testing.assert_close(applied, total, rtol=1e-4, atol=1e-5)  # fp32 p / lr
+
+    # 3. parameters stay identical across ranks
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    everyone = comm.allgather_object(flat)
+    for other in everyone:
+        assert torch.equal(other, flat)
+
+    # 4. configuration errors that need the group
+    from commrt.optim.demo import DeMo as _DeMo
+    try:
+        _DeMo(_params(0), lr=0.1, compression_topk=17, compression_chunk=4)
+    except ValueError as exc:
+        assert "compression_topk" in str(exc)
+    else:
+        raise AssertionError("topk > chunk accepted")
+
+
+@pytest.mark.parametrize("nprocs", [2, 6])
+def test_optim_demo_multi_rank(nprocs):
+    run_ranks(_demo_worker, nprocs, timeout=240, seed=nprocs)
+
+
+def test_optim_demo_bad_configuration():
+    from commrt.optim import DeMo
+
+    params = [torch.nn.Parameter(torch.zeros(8, 8))]
+    with pytest.raises(ValueError, match="compression_topk"):
+        DeMo(params, lr=0.1, compression_topk=65, compression_chunk=8)
+    with pytest.raises(ValueError, match="value_bits"):
+        DeMo(params, lr=0.1, value_bits=12)
+    with pytest.raises(ValueError, match="lr"):
+        DeMo(params, lr=0.0)
+    with pytest.raises(ValueError, match="12-bit"):
+        DeMo(params, lr=0.1, compression_chunk=128, value_bits=8)

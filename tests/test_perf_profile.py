@@ -1,0 +1,52 @@
+"""perf/profile.py: stack classification, the flame graph, and a real py-spy run of two ranks."""
+import json
+import xml.etree.ElementTree as ET
+
+from perf import netem
+from perf import profile as P
+
+
+def test_perf_profile_classify():
+    mpi = ["_run_module_as_main (<frozen runpy>:198)", "main (perf/collectives.py:80)",
+           "MPIDI_progress_test (libmpi.so.12)"]
+    kernel = ["main (perf/sparse.py:10)", "topk_magnitude (kernels/topk.py:33)",
+              "at::native::topk (libtorch_cpu.so)"]
+    torch_op = ["step (commrt/optim/demo.py:40)", "at::native::addmm (libtorch_cpu.so)"]
+    wait = ["wait (transports/mpi.py:120)", "syscall (libc.so.6)"]
+    startup = ["<module> (perf/x.py:1)", "_find_and_load (<frozen importlib._bootstrap>:1176)",
+               "at::init (libtorch_cpu.so)"]
+    python = ["main (perf/x.py:5)", "dict_subscript (libpython3.11.so.1.0)"]
+    assert P.classify(mpi) == "transport wait"
+    assert P.classify(kernel) == "packing kernels"
+    assert P.classify(torch_op) == "compute"
+    assert P.classify(wait) == "transport wait"
+    assert P.classify(startup) == P.STARTUP
+    assert P.classify(python) == "python overhead"
+    shares = P.shares({"compute": 3, "transport wait": 1, P.STARTUP: 100})
+    assert shares["compute"] == 0.75 and shares["transport wait"] == 0.25
+    svg = P.flame_svg([(mpi, 5), (torch_op, 3), (python, 2)], "t")
+    root = ET.fromstring(svg)
+    rects = root.findall(".//{http://www.w3.org/2000/svg}rect")
+    assert len(rects) == 7                                    # one per distinct frame path
+    widths = sorted(float(r.get("width")) for r in rects)
+    assert abs(widths[-1] - 1200 * 5 / 10) < 1.0              # the MPI path: half the samples
+
+
+def test_perf_profile_two_ranks(tmp_path, monkeypatch):
+    # `perf run --profile` sets COMMRT_PERF_PROFILE: every launch_mpi records its ranks.
+    monkeypatch.setenv("COMMRT_PERF_PROFILE", str(tmp_path / "profile"))
+    monkeypatch.setenv("COMMRT_PROFILE_RATE", "100")
+    netem.launch_mpi(2, "perf._pingpong",
+                     ["--ops", "allreduce", "--sizes", "256k", "--budget-mb", "64", "--repeats", "2"],
+                     timeout=180)
+    out = tmp_path / "profile" / "pingpong-n2-shm"
+    summary = P.summarize(tmp_path / "profile")
+    entry = summary["pingpong-n2-shm"]
+    assert sorted(entry["ranks"]) == ["rank0", "rank1"]
+    for rank in ("rank0", "rank1"):
+        ET.parse(out / f"{rank}.svg")                          # well-formed flame graph
+    # An allreduce loop spends its time in MPI: the largest share is transport wait.
+    shares = entry["shares"]
+    assert max(shares, key=shares.get) == "transport wait", entry
+    assert json.loads((tmp_path / "profile" / "summary.json").read_text()) == summary
+    assert "transport wait" in P.report_section(summary)

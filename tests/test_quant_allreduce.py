@@ -1,0 +1,155 @@
+"""quantized_allreduce (8, 4, 1 bit, two-phase error feedback) under mpirun.
+
+One launch per world size; each rank prints ``CHECK <name> rank <r> OK|FAIL``:
+
+- conservation: Σ residual_after + P·result == Σ (tensor + residual), float64, every
+                bit width and several sizes (also not multiples of the block), all ranks
+                holding the same result; 8-bit close to the exact mean;
+- convergence:  repeated identical gradient: the applied total approaches the dense total;
+- wire_bytes:   2(P-1)·(c·bits/8 + 4c/block) per rank, split between all-to-all and
+                all-gather (one message each).
+"""
+import re
+import time
+
+import pytest
+import torch
+
+from mpi_harness import run_ranks
+
+WORLD_SIZES = [2, 3, 5]
+CHECKS = ["conservation", "convergence", "wire_bytes"]
+
+
+def _gather(comm, t):
+    t = t.reshape(-1).to(torch.float64)
+    out = torch.empty(comm.size * t.numel(), dtype=torch.float64)
+    comm.iallgather(t, out, kind="test").wait()
+    return out.view(comm.size, -1)
+
+
+def _check_conservation(comm):
+    from commrt.collectives import QuantizedAllreduce, quantized_allreduce
+
+    P = comm.size
+    for bits in (8, 4, 1):
+        reducer = QuantizedAllreduce(bits, block_size=64)
+        for step, n in enumerate((1, 63, 300, 1000)):
+            g = torch.Generator().manual_seed(100 * bits + 10 * step + comm.rank)
+            tensor = torch.randn(n, generator=g, dtype=torch.float64)
+            residual = 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+            total_in = _gather(comm, tensor + residual).sum(0)
+            reducer(tensor, residual)
+            results = _gather(comm, tensor)
+            assert torch.equal(results.min(0).values, results.max(0).values), \
+                f"{bits} bit: ranks hold different results"
+            gap = (_gather(comm, residual).sum(0) + P * tensor - total_in).abs().max().item()
+            assert gap < 1e-11, f"{bits} bit n={n}: conservation off by {gap}"
+            if bits == 8 and n >= 300:
+                mean = total_in / P
+                rel = ((tensor - mean).norm() / mean.norm()).item()
+                assert rel < 0.03, f"8 bit: relative error {rel:.4f} against the exact mean"
+    # float32 and shaped tensors through the functional API
+    tensor = torch.randn(4, 33)
+    residual = torch.zeros(4, 33)
+    expected = _gather(comm, tensor).mean(0).view(4, 33)
+    quantized_allreduce(tensor, residual, 8)
+    assert ((tensor.double() - expected).norm() / expected.norm()).item() < 0.03
+
+
+def _check_convergence(comm):
+    from commrt.collectives import QuantizedAllreduce
+
+    n = 200
+    g = torch.Generator().manual_seed(7 + comm.rank)
+    grad = torch.randn(n, generator=g, dtype=torch.float64)
+    dense_mean = _gather(comm, grad).mean(0)
+    for bits in (8, 4, 1):
+        reducer = QuantizedAllreduce(bits, block_size=64)
+        residual = torch.zeros(n, dtype=torch.float64)
+        applied = torch.zeros(n, dtype=torch.float64)
+        errors = {}
+        for step in range(1, 41):
+            tensor = grad.clone()
+            reducer(tensor, residual)
+            applied += tensor
+            if step in (10, 40):
+                errors[step] = ((applied - step * dense_mean).norm()
+                                / (step * dense_mean).norm()).item()
+        assert errors[40] < 0.15, f"{bits} bit: relative error {errors}"
+        assert errors[40] < 0.5 * errors[10], f"{bits} bit: not shrinking {errors}"
+
+
+def _check_wire_bytes(comm):
+    from commrt import transports as T
+    from commrt.collectives import QuantizedAllreduce
+
+    P = comm.size
+    for bits in (8, 4, 1):
+        for n in (100, 5000):
+            reducer = QuantizedAllreduce(bits)
+            tensor = torch.randn(n)
+            residual = torch.zeros(n)
+            before = T.wire.snapshot()
+            reducer(tensor, residual)
+            delta = T.snapshot_delta(T.wire.snapshot(), before)
+            c = -(-(-(-n // P)) // 256) * 256
+            piece = c * bits // 8 + 4 * (c // 256)
+            expect = {"quant.all_to_all": ((P - 1) * piece, 1),
+                      "quant.all_gather": ((P - 1) * piece, 1)}
+            assert delta == expect, f"{bits} bit n={n}: {delta} != {expect}"
+            # against dense: 2(P-1)/P·n·4 bytes
+            if n == 5000 and bits == 8:
+                assert sum(b for b, _ in delta.values()) < 0.3 * 2 * (P - 1) * n * 4 / P + \
+                    2 * (P - 1) * (256 + 4)
+
+
+def _quant_worker() -> None:
+    from commrt import transports as T
+
+    comm = T.world()
+    failed = []
+    for name in CHECKS:
+        start = time.perf_counter()
+        try:
+            globals()[f"_check_{name}"](comm)
+            status = "OK"
+        except AssertionError as exc:
+            status = f"FAIL {exc}"
+            failed.append(name)
+        if comm.rank == 0:
+            print(f"TIME {name} {time.perf_counter() - start:.1f} s;", flush=True)
+        print(f"CHECK {name} rank {comm.rank} {status};", flush=True)
+    if failed:
+        raise AssertionError(f"rank {comm.rank}: failed {failed}")
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES)
+def launch(request):
+    nprocs = request.param
+    try:
+        out = run_ranks(_quant_worker, nprocs, timeout=300)
+    except AssertionError as exc:
+        out = str(exc)
+    return nprocs, out
+
+
+def _assert_check(launch, name):
+    nprocs, out = launch
+    # ranks' lines may interleave in mpirun's output: match the tokens, not whole lines
+    ok = set(re.findall(rf"CHECK {name} rank (\d+) OK;", out))
+    failures = re.findall(rf"CHECK {name} rank \d+ FAIL[^;]*", out)
+    assert len(ok) == nprocs, f"{name} on {nprocs} ranks:\n" + "\n".join(failures) + \
+        "\n--- output tail ---\n" + out[-6000:]
+
+
+def test_quant_conservation(launch):
+    _assert_check(launch, "conservation")
+
+
+def test_quant_error_feedback_convergence(launch):
+    _assert_check(launch, "convergence")
+
+
+def test_quant_wire_bytes(launch):
+    _assert_check(launch, "wire_bytes")

@@ -1,0 +1,72 @@
+"""Bad input to `mpirun python -m commrt.train`: one line on stderr, exit code 2, no training."""
+import subprocess
+import sys
+
+import pytest
+
+from mpi_harness import REPO_ROOT, mpi_env, mpirun_executable
+
+
+def _launch(nprocs, args, timeout=120):
+    cmd = [mpirun_executable(), "-n", str(nprocs), sys.executable, "-m", "commrt.train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=mpi_env(), cwd=str(REPO_ROOT),
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def short_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "short.txt"
+    path.write_bytes(b"def f():\n    return 1\n" * 5)     # 110 bytes: < one 65-token window per rank
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["unknown-method", "density", "missing-data", "short-data",
+                                  "ranks-per-node", "resume-without-checkpoint"])
+def test_train_cli_bad_input_exits_2(case, short_text, tmp_path):
+    args, expected = {
+        "unknown-method": (["--method", "bogus"], "invalid choice: 'bogus'"),
+        "density": (["--method", "spardl", "--density", "1.5"], "--density must be in (0, 1]"),
+        "missing-data": (["--data", str(tmp_path / "nope.txt")], "no such file or directory"),
+        "short-data": (["--data", short_text], "too short for one batch"),
+        "ranks-per-node": (["--method", "edit", "--ranks-per-node", "3"],
+                           "--ranks-per-node 3 does not divide the world size 2"),
+        "resume-without-checkpoint": (["--resume", "--out", str(tmp_path)], "no checkpoint"),
+    }[case]
+    proc = _launch(2, [*args, "--out", str(tmp_path / "run")] if case != "resume-without-checkpoint"
+                   else args)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr                   # one line, from rank 0 only
+    assert lines[0].startswith("commrt.train: error: ") and expected in lines[0], lines[0]
+    assert "step" not in proc.stdout, proc.stdout          # nothing trained
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_unavailable_method_is_rejected(monkeypatch):
+    from commrt import train
+
+    monkeypatch.setitem(train.METHODS, "future", train.MethodSpec(
+        "commrt.optim.not_landed_yet", "Future", train._build_ddp, "a method still in review"))
+    with pytest.raises(train.UsageError, match="method 'future' is not available in this build: "
+                       "commrt.optim.not_landed_yet.Future cannot be imported"):
+        train.check_method_available("future")
+    monkeypatch.setitem(train.METHODS, "nameless", train.MethodSpec(
+        "commrt.optim.base", "NoSuchClass", train._build_ddp, "missing class"))
+    with pytest.raises(train.UsageError, match="commrt.optim.base.NoSuchClass cannot be imported"):
+        train.check_method_available("nameless")
+    for name in train.METHODS:
+        if name not in ("future", "nameless"):
+            assert train.METHODS[name].help
+
+
+def test_train_cli_help_lists_every_method():
+    proc = subprocess.run([sys.executable, "-m", "commrt.train", "--help"], capture_output=True,
+                          text=True, env=mpi_env(), cwd=str(REPO_ROOT), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--method", "--density", "--teams", "--topk", "--chunk", "--sync-interval",
+                 "--ranks-per-node", "--stages", "--checkpoint-every", "--resume", "--seed",
+                 "--plot", "--out", "--data"):
+        assert flag in proc.stdout, flag
+    for method in ("ddp", "spardl", "topka", "gtopk", "quant8", "quant1", "demo", "flexdemo",
+                   "edit", "aedit", "acco", "zero1", "dpu", "cdp"):
+        assert f"{method}:" in proc.stdout, method
