@@ -19,12 +19,18 @@ is its residual restarted at zero.
 The process group's transport comes from `commrt.transports.for_group`: the MPI
 communicator underneath a `commrt` group, an adapter over torch.distributed otherwise;
 wire bytes are counted in `commrt.transports.wire` either way.
-"""
-from __future__ import annotations
 
-from typing import Any
+Checkpointing: `state.state_dict(parameters)` / `state.load_state_dict(saved, parameters)`
+save the residuals per parameter, by position in `parameters` (ids do not survive a
+restart), with the algorithm's adaptive state; after a load each bucket's residual is
+rebuilt from them at its first call, whatever the bucket layout then.
+"""
+# No `from __future__ import annotations` here: DDP's register_comm_hook inspects the
+# hooks' annotations and accepts only the real dist.GradBucket / Future[Tensor] objects.
+from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 from commrt.collectives import QuantizedAllreduce, SparseAllreduce
 
@@ -36,7 +42,7 @@ class _BucketResiduals:
         self.by_bucket: dict[int, tuple[torch.Tensor, tuple]] = {}
         self._by_param: dict[int, torch.Tensor] = {}   # id(param) -> view of its residual
 
-    def for_bucket(self, bucket: Any) -> tuple[torch.Tensor, bool]:
+    def for_bucket(self, bucket: dist.GradBucket) -> tuple[torch.Tensor, bool]:
         """(this bucket's residual, whether it was just created)."""
         buf = bucket.buffer()
         index = bucket.index()
@@ -59,6 +65,16 @@ class _BucketResiduals:
         self.by_bucket[index] = (residual, layout)
         return residual, True
 
+    def state_dict(self, parameters: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {i: self._by_param[id(p)].detach().clone() for i, p in enumerate(parameters)
+                if id(p) in self._by_param}
+
+    def load_state_dict(self, saved: dict[int, torch.Tensor],
+                        parameters: Sequence[torch.Tensor]) -> None:
+        params = list(parameters)
+        self.by_bucket.clear()
+        self._by_param = {id(params[i]): r.clone() for i, r in saved.items()}
+
     def total(self) -> torch.Tensor | None:
         """All residuals concatenated in bucket order (for inspection and tests)."""
         if not self.by_bucket:
@@ -66,8 +82,8 @@ class _BucketResiduals:
         return torch.cat([self.by_bucket[i][0].reshape(-1) for i in sorted(self.by_bucket)])
 
 
-def _completed(buf: torch.Tensor) -> torch.futures.Future:
-    fut: torch.futures.Future = torch.futures.Future()
+def _completed(buf: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     fut.set_result(buf)
     return fut
 
@@ -88,8 +104,17 @@ class SparseAllreduceState:
                                        group=process_group)
         self.residuals = _BucketResiduals()
 
+    def state_dict(self, parameters: Sequence[torch.Tensor]) -> dict[str, Any]:
+        return {"residuals": self.residuals.state_dict(parameters),
+                "reducer": self.reducer.state_dict()}
 
-def sparse_allreduce_hook(state: SparseAllreduceState, bucket: Any) -> torch.futures.Future:
+    def load_state_dict(self, saved: dict[str, Any], parameters: Sequence[torch.Tensor]) -> None:
+        self.residuals.load_state_dict(saved["residuals"], parameters)
+        self.reducer.load_state_dict(saved["reducer"])
+
+
+def sparse_allreduce_hook(state: SparseAllreduceState, bucket: dist.GradBucket
+                          ) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the bucket's mean gradient, sparsified with error feedback.
 
     Wire bytes and the conservation invariant per bucket are those of
@@ -112,9 +137,15 @@ class QuantizedAllreduceState:
         self.reducer = QuantizedAllreduce(bits, block_size=block_size, group=process_group)
         self.residuals = _BucketResiduals()
 
+    def state_dict(self, parameters: Sequence[torch.Tensor]) -> dict[str, Any]:
+        return {"residuals": self.residuals.state_dict(parameters)}
 
-def quantized_allreduce_hook(state: QuantizedAllreduceState, bucket: Any
-                             ) -> torch.futures.Future:
+    def load_state_dict(self, saved: dict[str, Any], parameters: Sequence[torch.Tensor]) -> None:
+        self.residuals.load_state_dict(saved["residuals"], parameters)
+
+
+def quantized_allreduce_hook(state: QuantizedAllreduceState, bucket: dist.GradBucket
+                             ) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the bucket's mean gradient through the two-phase quantized allreduce
     (`commrt.collectives.quantized_allreduce`) with error feedback."""
     buf = bucket.buffer()

@@ -358,6 +358,13 @@ class SparseAllreduce:
         """The SAG budget h that the next call with `key` will use (None before the first)."""
         return self._h.get(key)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The adaptive SAG budgets per call-site key (what a resumed run needs)."""
+        return {"adaptive_h": dict(self._h)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._h = dict(state["adaptive_h"])
+
     def __call__(self, tensor: torch.Tensor, residual: torch.Tensor, *, key: Any = None,
                  validate: bool = True) -> torch.Tensor:
         comm = self.comm

@@ -64,7 +64,7 @@ class DataParallel:
                                            bucket_cap_mb=bucket_cap_mb)
         self.hook_state = hook_state
         if comm_hook is not None:
-            self.ddp.register_comm_hook(hook_state, _unannotated(comm_hook))
+            self.ddp.register_comm_hook(hook_state, comm_hook)
         self.optimizer = torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr,
                                            betas=betas)
         self.grad_clip = grad_clip
@@ -112,67 +112,12 @@ class DataParallel:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "steps": self.steps, "hook_state": _hook_state_dict(self.hook_state, self.model)}
+                "steps": self.steps, "hook_state": None if self.hook_state is None else
+                self.hook_state.state_dict(list(self.model.parameters()))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
-        _load_hook_state_dict(self.hook_state, state.get("hook_state"), self.model)
-
-
-def _unannotated(hook: Callable) -> Callable:
-    """`hook` behind a signature DDP accepts. DDP rejects a hook whose `bucket` annotation
-    is anything but dist.GradBucket, and under `from __future__ import annotations` every
-    annotation is a string; unannotated parameters always pass."""
-    def ddp_comm_hook(state, bucket):
-        return hook(state, bucket)
-    ddp_comm_hook.__name__ = getattr(hook, "__name__", "ddp_comm_hook")
-    ddp_comm_hook.__doc__ = hook.__doc__
-    return ddp_comm_hook
-
-
-# Checkpointing a commrt.hooks state. A state that defines state_dict()/load_state_dict()
-# is used as is. Otherwise (the hook states of commrt.hooks today) the error-feedback
-# residuals are saved per parameter, by the parameter's position in model.parameters() (the
-# residual store keys them by id(param), which does not survive a restart), together with
-# SparDL's adaptive h per bucket. After a load the hook rebuilds each bucket's residual from
-# the per-parameter residuals at its first call, whatever the bucket layout then.
-
-
-def _residual_store(state: Any) -> Any:
-    store = getattr(state, "residuals", None)
-    if store is None or not hasattr(store, "_by_param"):
-        raise TypeError(f"cannot checkpoint the DDP hook state {type(state).__name__}: it has "
-                        "neither state_dict() nor per-parameter residuals")
-    return store
-
-
-def _hook_state_dict(state: Any, model: nn.Module) -> Any:
-    if state is None:
-        return None
-    if hasattr(state, "state_dict"):
-        return state.state_dict()
-    by_param = _residual_store(state)._by_param
-    residuals = {i: by_param[id(p)].detach().clone() for i, p in enumerate(model.parameters())
-                 if id(p) in by_param}
-    adaptive = dict(getattr(getattr(state, "reducer", None), "_h", {}) or {})
-    return {"residual_by_parameter": residuals, "adaptive_h": adaptive}
-
-
-def _load_hook_state_dict(state: Any, saved: Any, model: nn.Module) -> None:
-    if state is None or saved is None:
-        return
-    if hasattr(state, "load_state_dict"):
-        state.load_state_dict(saved)
-        return
-    store = _residual_store(state)
-    params = list(model.parameters())
-    store.by_bucket.clear()
-    store._by_param.clear()
-    for i, residual in saved["residual_by_parameter"].items():
-        store._by_param[id(params[i])] = residual.clone()
-    reducer = getattr(state, "reducer", None)
-    if reducer is not None and hasattr(reducer, "_h"):
-        reducer._h.clear()
-        reducer._h.update(saved["adaptive_h"])
+        if self.hook_state is not None and state.get("hook_state") is not None:
+            self.hook_state.load_state_dict(state["hook_state"], list(self.model.parameters()))
