@@ -823,6 +823,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             1e3 * comm_s / pending["steps"])
             pending = {k: 0 if isinstance(v, int) else 0.0 for k, v in pending.items()}
             if evaluate_now:
+                if step == args.steps and hasattr(method, "synchronize"):
+                    # Local-SGD replicas differ between syncs: score the synchronized model.
+                    method.synchronize()
                 record["val_loss"] = evaluate()
                 progress.message(f"step {step}: val loss {record['val_loss']:.4f}")
             write_record(record)
@@ -842,6 +845,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return {"stopped_at": step, "records": records}
 
     progress.close()
+    if hasattr(method, "close"):
+        method.close()  # communication threads (ACCO, EDiT) end before MPI does
     final = records[-1]
     summary = {
         "method": args.method, "world_size": world_size, "backend": args.backend,

@@ -291,6 +291,11 @@ class EDiT:
             self._start_sync()
         self._finish_sync()
 
+    def synchronize(self) -> None:
+        """Collective: bring every replica to the synchronized parameters now (a forced
+        `flush`), e.g. before a final evaluation."""
+        self.flush(force=True)
+
     def state_dict(self) -> dict[str, Any]:
         """Model, inner optimizer, outer state (anchors, momenta, residuals, anomaly
         statistics) and counters. Collective: flushes a pending synchronization first."""
