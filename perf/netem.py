@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from commrt.transports import mpirun_executable
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _NS_PREFIX = "commrt"          # namespace names: commrt<kind>-<pid>-<n>
 _HUB_SUBNET = "10.213.0"        # bridge and node addresses in the two-tier emulation
@@ -90,15 +92,6 @@ def link_rate_bps(link: str) -> float | None:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def mpirun_executable() -> str:
-    """The `mpirun` beside this interpreter (PyPI mpich wheel), else the one on PATH."""
-    here = Path(sys.executable).with_name("mpirun")
-    if here.exists():
-        return str(here)
-    found = shutil.which("mpirun") or shutil.which("mpiexec")
-    if found is None:
-        raise RuntimeError("no mpirun found: pip install mpich (or install a system MPI)")
-    return found
 
 
 def link_unavailable_reason() -> str | None:

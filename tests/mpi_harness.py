@@ -23,26 +23,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from commrt.transports import mpirun_executable
+
 WORKER = Path(__file__).with_name("_mpi_worker.py")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def mpirun_executable() -> str:
-    """The `mpirun` beside this interpreter (the PyPI mpich wheel), else the one on PATH."""
-    here = Path(sys.executable).with_name("mpirun")
-    if here.exists():
-        return str(here)
-    found = shutil.which("mpirun") or shutil.which("mpiexec")
-    if found is None:
-        raise RuntimeError("no mpirun found: install the MPI extra (pip install -e '.[mpi]')")
-    return found
 
 
 def mpi_env(extra: dict[str, str] | None = None) -> dict[str, str]:

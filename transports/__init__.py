@@ -11,11 +11,11 @@ from typing import Any
 
 from .counters import WireCounter, snapshot_delta, wire
 from .mpi import (ANY_SOURCE, ANY_TAG, Communicator, Request, cuda_aware,
-                  install_abort_on_error, wait_all, world)
+                  install_abort_on_error, mpirun_executable, wait_all, world)
 
 __all__ = [
     "ANY_SOURCE", "ANY_TAG", "Communicator", "Request", "WireCounter", "cuda_aware",
-    "for_group", "install_abort_on_error", "snapshot_delta", "wait_all", "wire", "world",
+    "for_group", "install_abort_on_error", "mpirun_executable", "snapshot_delta", "wait_all", "wire", "world",
 ]
 
 _adapters: dict[int, tuple[Any, Any]] = {}

@@ -647,6 +647,21 @@ class Communicator:
             raise ValueError(f"input dtype {a.dtype} and output dtype {b.dtype} differ")
 
 
+def mpirun_executable() -> str:
+    """The `mpirun` beside this interpreter (the PyPI mpich wheel's), else one on PATH."""
+    import shutil
+    from pathlib import Path
+
+    here = Path(sys.executable).with_name("mpirun")
+    if here.exists():
+        return str(here)
+    found = shutil.which("mpirun") or shutil.which("mpiexec")
+    if found is None:
+        raise RuntimeError("no mpirun found: install the MPI extra (pip install -e '.[mpi]') "
+                           "or a system MPI")
+    return found
+
+
 # --------------------------------------------------------------------------------------
 # The world, and ending the whole job on an error
 
