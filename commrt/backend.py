@@ -47,6 +47,7 @@ gather: the rank's block (0 on root); scatter: (P-1) blocks on root; send: its b
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
 import socket
@@ -56,6 +57,7 @@ import zlib
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -428,6 +430,34 @@ def _code(value: Any) -> int:
     return code
 
 
+_encoded_signatures: dict[tuple, np.ndarray] = {}
+
+
+@functools.cache
+def _MPI_IN_PLACE() -> Any:
+    from mpi4py import MPI
+    return MPI.IN_PLACE
+
+
+@functools.cache
+def _MPI_MAX() -> Any:
+    from mpi4py import MPI
+    return MPI.MAX
+
+
+def _encode_signature(signature: tuple) -> np.ndarray:
+    """(flag 0, codes..., zero padding, then all of it negated): what `_agree` reduces."""
+    n = _AGREE_SLOTS
+    codes = [_code(v) for v in signature]
+    if len(codes) > n - 1:
+        codes[n - 2:] = [zlib.crc32(repr(codes[n - 2:]).encode())]
+    codes.extend([0] * (n - 1 - len(codes)))
+    encoded = np.zeros(2 * n, dtype=np.int64)
+    encoded[1:n] = codes
+    encoded[n:] = -encoded[:n]
+    return encoded
+
+
 class _Prepared:
     """What a collective will post once the ranks agree on its arguments."""
 
@@ -461,7 +491,6 @@ class CommrtProcessGroup(dist.ProcessGroup):
         self._group_desc = group_desc
         self._validate = validation_enabled()
         self._coalescing: list[CommrtWork] | None = None
-        import numpy as np
 
         self._agree_buf = np.zeros(2 * _AGREE_SLOTS, dtype=np.int64)
 
@@ -534,33 +563,34 @@ class CommrtProcessGroup(dist.ProcessGroup):
             if error is not None:
                 raise error
             return
-        buf = self._agree_buf
         n = _AGREE_SLOTS
         if error is not None:
+            buf = self._agree_buf
             buf[:] = 0
             buf[0] = 1
+            expected = None
         else:
-            buf[0] = 0
-            codes = [_code(v) for v in signature]
-            if len(codes) > n - 1:
-                codes[n - 2:] = [zlib.crc32(repr(codes[n - 2:]).encode())]
-            codes.extend([0] * (n - 1 - len(codes)))
-            buf[1:n] = codes
-        buf[n:] = -buf[:n]
+            # Training loops repeat a handful of signatures: encode each once.
+            expected = _encoded_signatures.get(signature)
+            if expected is None:
+                expected = _encode_signature(signature)
+                if len(_encoded_signatures) < 4096:
+                    _encoded_signatures[signature] = expected
+            buf = self._agree_buf
+            buf[:] = expected
         self._agree_allreduce(buf)
         if error is not None:
             raise error
-        if buf[0] != 0:
-            raise ValueError(f"commrt {op}: another rank rejected its arguments for this "
-                             f"collective (see its error); this rank had {signature}")
-        if (buf[:n] != -buf[n:]).any():
+        # MAX of (codes, -codes) equals this rank's (codes, -codes) iff every rank agrees.
+        if expected is None or buf.tobytes() != expected.tobytes():
+            if buf[0] != 0:
+                raise ValueError(f"commrt {op}: another rank rejected its arguments for this "
+                                 f"collective (see its error); this rank had {signature}")
             raise ValueError(f"commrt {op}: the ranks disagree on the tensors' shapes, "
                              f"dtypes, reduction or root; this rank has {signature}")
 
     def _agree_allreduce(self, buf: Any) -> None:
-        from mpi4py import MPI  # already imported by the transport: a dict lookup
-
-        self.communicator.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+        self.communicator.mpi.Allreduce(_MPI_IN_PLACE(), buf, op=_MPI_MAX())
 
     def _run(self, op: str, prepare: Callable[[], _Prepared]) -> CommrtWork:
         if _completer.queue and not _completer.in_callback():
@@ -892,7 +922,6 @@ class CommrtProcessGroup(dist.ProcessGroup):
                 raise ValueError(f"commrt {op}: the send split {send} and receive split "
                                  f"{recv} differ on a single rank")
             return
-        import numpy as np
 
         P = self._size
         mine = np.zeros(2 * P + 2, dtype=np.int64)

@@ -242,6 +242,6 @@ def _flexdemo_fsdp_worker(backend: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["gloo"])
+@pytest.mark.parametrize("backend", ["commrt", "gloo"])
 def test_optim_flexdemo_fsdp2(backend):
     run_ranks(_flexdemo_fsdp_worker, 4, timeout=240, backend=backend)
