@@ -43,12 +43,16 @@ def _mismatch_worker() -> None:
     comm.barrier()  # every rank got the error and is still in step
 
 
-@pytest.mark.parametrize("worker", [_one_rank_raises_worker, _thread_raises_worker])
-def test_transport_error_on_one_rank_ends_job(worker):
+@pytest.mark.parametrize("worker, message", [
+    (_one_rank_raises_worker, "injected failure on the last rank"),
+    (_thread_raises_worker, "ZeroDivisionError"),
+])
+def test_transport_error_on_one_rank_ends_job(worker, message):
     start = time.monotonic()
     with pytest.raises(AssertionError) as failure:
         run_ranks(worker, 3, timeout=60)
     assert "timed out" not in str(failure.value), "the job hung instead of aborting"
+    assert message in str(failure.value), "the failing rank's traceback was lost"
     assert time.monotonic() - start < 60
 
 

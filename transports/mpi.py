@@ -20,6 +20,7 @@ import ctypes
 import os
 import sys
 import threading
+import time
 import traceback
 import zlib
 from typing import Any, Callable, Iterable, Sequence
@@ -687,6 +688,7 @@ def world() -> Communicator:
 
 
 _abort_installed = False
+ABORT_GRACE_S = 0.5
 
 
 def install_abort_on_error() -> None:
@@ -699,23 +701,40 @@ def install_abort_on_error() -> None:
     _abort_installed = True
     previous_hook = sys.excepthook
 
-    def abort() -> None:
-        sys.stderr.flush()
-        sys.stdout.flush()
+    def multi_rank() -> bool:
         MPI = _mpi()
-        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-            MPI.COMM_WORLD.Abort(1)
+        return MPI.Is_initialized() and not MPI.Is_finalized() and \
+            MPI.COMM_WORLD.Get_size() > 1
+
+    def report_and_abort(header: str, exc_type, exc, tb) -> None:
+        # Written to the process's real stderr: torch.distributed's own excepthook redirects
+        # sys.stderr into a buffer that it prints only after this hook returns, and an
+        # abort never returns.
+        MPI = _mpi()
+        text = header + "".join(traceback.format_exception(exc_type, exc, tb))
+        prefix = f"[rank{MPI.COMM_WORLD.Get_rank()}] "
+        out = sys.__stderr__
+        out.write("".join(prefix + line + "\n" for line in text.rstrip("\n").split("\n")))
+        out.flush()
+        sys.stdout.flush()
+        # The launcher forwards each rank's output asynchronously and stops once the abort
+        # kills the job: give it a moment, or the message that says what failed is lost.
+        time.sleep(ABORT_GRACE_S)
+        MPI.COMM_WORLD.Abort(1)
 
     def excepthook(exc_type, exc, tb):
+        if multi_rank():
+            report_and_abort("", exc_type, exc, tb)
         previous_hook(exc_type, exc, tb)
-        abort()
 
     def thread_excepthook(args):
         if args.exc_type is SystemExit:
             return
-        sys.stderr.write(f"commrt: uncaught exception in thread {args.thread.name}:\n")
+        header = f"commrt: uncaught exception in thread {args.thread.name}:\n"
+        if multi_rank():
+            report_and_abort(header, args.exc_type, args.exc_value, args.exc_traceback)
+        sys.stderr.write(header)
         traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback)
-        abort()
 
     sys.excepthook = excepthook
     threading.excepthook = thread_excepthook
