@@ -295,7 +295,23 @@ def _sparse_to_dense(values: torch.Tensor, indices: torch.Tensor, elems: int) ->
 # The optimizer
 
 
-class DeMo(torch.optim.Optimizer):
+class _WireBytesInStateDict:
+    """Optimizer mixin: `last_step_wire_bytes` travels in the state dict (for resume)."""
+
+    last_step_wire_bytes: int
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["last_step_wire_bytes"] = self.last_step_wire_bytes
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.last_step_wire_bytes = int(state_dict.pop("last_step_wire_bytes", 0))
+        super().load_state_dict(state_dict)
+
+
+class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
     """Decoupled-momentum optimizer (see the module docstring for the rule and wire format).
 
     Args:
@@ -428,12 +444,3 @@ class DeMo(torch.optim.Optimizer):
         self.comm.iallgather(payload, out, kind=self.kind).wait()
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["last_step_wire_bytes"] = self.last_step_wire_bytes
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        self.last_step_wire_bytes = int(state_dict.pop("last_step_wire_bytes", 0))
-        super().load_state_dict(state_dict)

@@ -43,7 +43,8 @@ from typing import Any, Iterable
 import torch
 
 
-from .demo import _VALUE_BYTES, ChunkLayout, CoefficientCodec, _sparse_to_dense, topk_per_chunk
+from .demo import (_VALUE_BYTES, ChunkLayout, CoefficientCodec, _sparse_to_dense,
+                   _WireBytesInStateDict, topk_per_chunk)
 from .mesh import HybridMesh, resolve_mesh
 
 _BASES = ("sign", "sgd", "adamw")
@@ -53,7 +54,7 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return hasattr(p, "to_local") and hasattr(p, "device_mesh")
 
 
-class FlexDeMo(torch.optim.Optimizer):
+class FlexDeMo(_WireBytesInStateDict, torch.optim.Optimizer):
     """Hybrid-sharded DeMo (module docstring).
 
     Args:
@@ -272,12 +273,3 @@ class FlexDeMo(torch.optim.Optimizer):
             pos += n
         return sent
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["last_step_wire_bytes"] = self.last_step_wire_bytes
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        self.last_step_wire_bytes = int(state_dict.pop("last_step_wire_bytes", 0))
-        super().load_state_dict(state_dict)
