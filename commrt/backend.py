@@ -66,7 +66,7 @@ from commrt import transports as T
 BACKEND_NAME = "commrt"
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
-__all__ = ["BACKEND_NAME", "CommrtProcessGroup", "CommrtWork", "register",
+__all__ = ["BACKEND_NAME", "CommrtProcessGroup", "CommrtWork", "mpi_tcp_store", "register",
            "launched_by_mpi", "validation_enabled"]
 
 _RED = dist.ReduceOp.RedOpType
@@ -1157,20 +1157,88 @@ def _create_process_group(common_opts: Any, backend_opts: Any = None) -> CommrtP
     return CommrtProcessGroup(comm, timeout=timeout, group_name=group_id)
 
 
-def _free_port_store(timeout: timedelta) -> tuple[Any, int, int]:
-    """A TCPStore agreed over MPI: rank 0 listens on an ephemeral port, broadcast to all."""
-    world = T.world()
-    hostname = socket.gethostname()
-    hosts = world.allgather_object(hostname)
-    addr = "127.0.0.1" if len(set(hosts)) == 1 else hosts[0]
+def _network_identity() -> str:
+    """Who shares this process's loopback: the host name plus the network namespace.
+    Ranks in different namespaces of one host (containers, the perf suite's emulated
+    nodes) share a host name but cannot reach each other at 127.0.0.1."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        namespace = "?"
+    return f"{socket.gethostname()}/{namespace}"
+
+
+def _ipv4_addresses() -> list[str]:
+    """This process's IPv4 addresses other hosts may reach, best guess first: what the
+    host name resolves to (unless loopback), then every interface's address (Linux)."""
+    found: list[str] = []
+    try:
+        found.append(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    try:
+        import fcntl
+        import struct
+
+        siocgifaddr = 0x8915
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            for _, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(probe.fileno(), siocgifaddr,
+                                         struct.pack("256s", name.encode()[:15]))
+                except OSError:     # an interface with no IPv4 address
+                    continue
+                found.append(socket.inet_ntoa(packed[20:24]))
+    except (ImportError, OSError):
+        pass
+    return [a for i, a in enumerate(found)
+            if not a.startswith("127.") and a not in found[:i]]
+
+
+def _reachable(addresses: Sequence[str], port: int, deadline: float) -> str | None:
+    """The first address at which something accepts a TCP connection on `port`."""
+    for address in addresses:
+        try:
+            with socket.create_connection((address, port),
+                                          timeout=max(0.5, min(5.0, deadline - time.time()))):
+                return address
+        except OSError:
+            continue
+    return None
+
+
+def mpi_tcp_store(world: Any = None, timeout: timedelta = timedelta(minutes=30)) -> Any:
+    """A ``torch.distributed.TCPStore`` agreed over MPI, with no MASTER_ADDR/PORT needed.
+
+    Rank 0 of `world` (default: MPI's world communicator) serves it on an ephemeral port
+    (the server listens on every interface) and broadcasts the port, its network identity
+    and its addresses. A rank in rank 0's network namespace connects at 127.0.0.1; any
+    other rank connects at the first of rank 0's addresses that accepts a connection.
+    Raises RuntimeError, on the ranks that cannot reach rank 0, naming what they tried
+    (set MASTER_ADDR and MASTER_PORT to choose the address yourself).
+    """
+    world = world if world is not None else T.world()
     if world.rank == 0:
-        store = dist.TCPStore(addr, 0, world.size, True, timeout=timeout,
+        store = dist.TCPStore("127.0.0.1", 0, world.size, True, timeout=timeout,
                               wait_for_workers=False)
-        world.bcast_object(store.port, 0)
+        world.bcast_object((store.port, _network_identity(), _ipv4_addresses()), 0)
+        return store
+    port, identity, addresses = world.bcast_object(None, 0)
+    if identity == _network_identity():
+        address = "127.0.0.1"
     else:
-        port = world.bcast_object(None, 0)
-        store = dist.TCPStore(addr, port, world.size, False, timeout=timeout)
-    return store, world.rank, world.size
+        deadline = time.time() + min(60.0, timeout.total_seconds())
+        address = None
+        while address is None and time.time() < deadline:
+            address = _reachable(addresses, port, deadline)
+            if address is None:
+                time.sleep(0.2)
+        if address is None:
+            raise RuntimeError(
+                f"commrt: rank {world.rank} cannot reach rank 0's store on port {port} at any "
+                f"of its addresses {addresses or '(none found)'}; set MASTER_ADDR and "
+                "MASTER_PORT to an address every rank can reach")
+    return dist.TCPStore(address, port, world.size, False, timeout=timeout)
 
 
 def _wrap_env_rendezvous() -> None:
@@ -1191,7 +1259,8 @@ def _wrap_env_rendezvous() -> None:
 
         if launched_by_mpi() and "MASTER_ADDR" not in os.environ \
                 and "MASTER_PORT" not in os.environ:
-            store, rank, size = _free_port_store(timeout)
+            world = T.world()
+            store, rank, size = mpi_tcp_store(world, timeout), world.rank, world.size
             query = dict(kv.split("=", 1) for kv in urlparse(url).query.split("&") if "=" in kv)
             for key, mpi_value in (("rank", rank), ("world_size", size)):
                 given = int(query.get(key, -1))

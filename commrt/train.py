@@ -448,21 +448,10 @@ def init_torch_distributed(backend: str, comm) -> Any:
         import commrt.backend  # noqa: F401  (registers the backend)
         dist.init_process_group("commrt")
     else:
-        # gloo needs a rendezvous: rank 0 picks a free port, MPI tells the others.
-        import socket
-        address = port = None
-        if comm.rank == 0:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                port = s.getsockname()[1]
-            address = "127.0.0.1"
-        local = comm.split_shared_memory()
-        if comm.mpi.allreduce(local.size) != comm.size * comm.size:  # ranks on several hosts
-            address = socket.gethostbyname(socket.gethostname()) if comm.rank == 0 else None
-        local.mpi.Free()
-        address, port = comm.bcast_object((address, port), 0)
-        dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}",
-                                rank=comm.rank, world_size=comm.size)
+        # gloo needs a store; rank 0 serves one and MPI tells the others where it is.
+        from commrt.backend import mpi_tcp_store
+        dist.init_process_group("gloo", store=mpi_tcp_store(comm), rank=comm.rank,
+                                world_size=comm.size)
     return dist.group.WORLD
 
 

@@ -278,7 +278,7 @@ def emulated_link(link: str, *, nprocs: int | None = None,
         hosts = ",".join(f"{ip}:{ranks_per_node}" for ip in host_to_ns)
         yield LinkSetup(
             link=link, prefix=["ip", "netns", "exec", hub],
-            env={**TCP_ENV, "FI_TCP_IFACE": "crnic"},
+            env={**TCP_ENV, "FI_TCP_IFACE": "crnic", "GLOO_SOCKET_IFNAME": "crnic"},
             mpirun_args=["-launcher", "ssh", "-launcher-exec", str(script), "-hosts", hosts,
                          "-localhost", _BRIDGE_IP],
             namespaces=created, ranks_per_node=ranks_per_node)
