@@ -36,6 +36,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -180,7 +181,8 @@ def _build_aedit(args, model, ctx):
     import torch
     from commrt.optim.edit import AEDiT
     inner = torch.optim.AdamW(model.parameters(), **_adamw_kwargs(args))
-    return AEDiT(model, inner, args.sync_interval, sync_seconds=args.sync_seconds,
+    # --sync-seconds 0: rounds of --sync-interval times the measured mean step time.
+    return AEDiT(model, inner, args.sync_interval, sync_seconds=args.sync_seconds or None,
                  step_weighting=args.step_weighting, **_edit_kwargs(args, ctx))
 
 
@@ -313,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-interval", type=int, default=8,
                    help="local steps between synchronisations (edit)")
     g.add_argument("--sync-seconds", type=float, default=1.0,
-                   help="wall-clock seconds between synchronisations, agreed across ranks (aedit)")
+                   help="wall-clock seconds between synchronisations, agreed across ranks "
+                        "(aedit; 0: --sync-interval times the mean step time measured in warm-up)")
     g.add_argument("--step-weighting", type=float, default=0.5,
                    help="A-EDiT's weight r of local step counts in the pseudo-gradient average")
     g.add_argument("--warmup-steps", type=int, default=10,
@@ -394,8 +397,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.method == "cdp" and args.stages > layers:
         raise UsageError(f"--stages {args.stages} exceeds the model's {layers} layers "
                          "(embedding, blocks, head)")
-    if args.sync_seconds <= 0:
-        raise UsageError(f"--sync-seconds must be > 0, got {args.sync_seconds}")
+    if args.sync_seconds < 0:
+        raise UsageError(f"--sync-seconds must be >= 0 (0: automatic), got {args.sync_seconds}")
     if args.ranks_per_node is not None and world_size % args.ranks_per_node:
         raise UsageError(f"--ranks-per-node {args.ranks_per_node} does not divide the world "
                          f"size {world_size}")
@@ -456,12 +459,25 @@ def init_torch_distributed(backend: str, comm) -> Any:
 
 
 def _set_threads(requested: int, comm) -> int:
+    """torch threads per rank. 0: the cores this process may use divided by the ranks on
+    this machine, at least 1. Ranks on one machine are counted twice over, as MPI's
+    shared-memory group and as the ranks reporting the same host name, and the larger count
+    wins: with MPIR_CVAR_NOLOCAL or in separate network namespaces (the perf suite's link
+    emulation) MPI puts every rank in a group of its own, and giving each the whole
+    machine's cores oversubscribed it many times over."""
     import torch
     threads = requested
     if threads == 0:
         local = comm.split_shared_memory()
-        threads = max(1, (os.cpu_count() or 1) // local.size)
+        shared_memory_ranks = local.size
         local.mpi.Free()
+        hosts = comm.allgather_object(socket.gethostname())
+        same_host = hosts.count(socket.gethostname())
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        threads = max(1, cores // max(shared_memory_ranks, same_host))
     torch.set_num_threads(threads)
     return threads
 

@@ -16,6 +16,15 @@ Reported per method, from the runs' ``metrics.jsonl`` / ``summary.json``:
 * wall clock to reach DDP's final validation loss, and DDP's time over it (target: ≥ 3×);
 * wire bytes per step per rank (transport counters), exposed communication share.
 
+A-EDiT counts rounds, not steps: with ``--sync-seconds 0`` (the default here) a round lasts
+``--sync-interval`` times the step time measured in warm-up, so it runs
+``warmup + ceil((steps − warmup) / sync_interval)`` rounds to see about the same tokens.
+
+The table's header also gives the bound the link sets: no method can beat DDP by more
+than ``1 / (1 − DDP's exposed communication share)`` at equal steps, since it still has to
+compute every step. Where that bound is below 3×, the speed target cannot be met on that
+machine and link, whatever the method does.
+
 Writes ``DIR/<method>/`` (training runs), ``DIR/summary.json``, ``DIR/table.md`` and
 ``DIR/loss_vs_wall.png``. A method that fails is reported as failed, never dropped.
 """
@@ -49,13 +58,23 @@ def method_args(method: str, args: argparse.Namespace) -> list[str]:
     if method == "edit":
         extra += ["--sync-interval", str(args.sync_interval)]
     if method == "aedit":
-        extra += ["--sync-seconds", str(args.sync_seconds)]
+        extra += ["--sync-interval", str(args.sync_interval),
+                  "--sync-seconds", str(args.sync_seconds)]
     return extra
+
+
+def method_steps(method: str, args: argparse.Namespace) -> int:
+    """Optimizer steps of one method: A-EDiT's rounds of about sync_interval local steps
+    each see about the tokens of `args.steps` steps of the others."""
+    if method == "aedit" and args.sync_seconds == 0 and args.steps > args.warmup_steps:
+        return args.warmup_steps + -(-(args.steps - args.warmup_steps) // args.sync_interval)
+    return args.steps
 
 
 def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     run_dir = out / method
-    cmd = ["--steps", str(args.steps), "--model", args.model, "--log-interval",
+    cmd = ["--steps", str(method_steps(method, args)), "--model", args.model,
+           "--batch-size", str(args.batch_size), "--log-interval",
            str(args.log_interval), "--eval-interval", str(args.eval_interval), "--eval-iters",
            str(args.eval_iters), "--out", str(run_dir), "--quiet", "--seed", str(args.seed),
            "--lr", str(args.lr), *method_args(method, args), *args.train_args]
@@ -111,23 +130,36 @@ def judge(results: dict[str, dict]) -> None:
         r["speedup_3x"] = r["speedup_vs_ddp"] is not None and r["speedup_vs_ddp"] >= 3.0
 
 
+def speedup_bound(results: dict[str, dict]) -> float | None:
+    """1 / (1 − DDP's exposed communication share): the most any method can gain over DDP
+    at equal steps by removing communication alone."""
+    share = results.get("ddp", {}).get("exposed_comm_share")
+    return None if share is None or share >= 1 else 1.0 / (1.0 - share)
+
+
 def table(summary: dict) -> str:
     def f(x: Any, fmt: str) -> str:
         return "–" if x is None else format(x, fmt)
 
+    bound = summary.get("speedup_bound")
     lines = [f"{summary['world_size']} ranks ({summary['topology']}, "
              f"{summary['ranks_per_node']} ranks/node for the hybrid methods), link "
-             f"{summary['link']}, model {summary['model']}, {summary['steps']} steps. "
-             f"Target: DDP's final validation loss {f(summary.get('target_loss'), '.4f')}.", "",
-             "| method | status | final val loss | gap vs DDP | time to DDP's final loss (s) "
-             "| speedup vs DDP | train wall (s) | wire bytes/step/rank | exposed comm |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{summary['link']}, model {summary['model']}, batch {summary.get('batch_size')} "
+             f"per rank, {summary['steps']} steps. "
+             f"Target: DDP's final validation loss {f(summary.get('target_loss'), '.4f')}. "
+             f"Bound on any speedup at equal steps, 1/(1 − DDP's exposed comm share): "
+             f"{f(bound, '.2f')}×.", "",
+             "| method | status | steps | tokens | final val loss | gap vs DDP "
+             "| time to DDP's final loss (s) | speedup vs DDP | train wall (s) "
+             "| wire bytes/step/rank | exposed comm |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["methods"]:
         gap = r.get("loss_gap_vs_ddp")
         t = r.get("time_to_ddp_final_s")
         share = r.get("exposed_comm_share")
         lines.append(
-            f"| {r['method']} | {r['status']} | {f(r.get('final_val_loss'), '.4f')} | "
+            f"| {r['method']} | {r['status']} | {f(r.get('steps'), 'd')} | "
+            f"{f(r.get('tokens'), ',d')} | {f(r.get('final_val_loss'), '.4f')} | "
             f"{'–' if gap is None else format(100 * gap, '+.1f') + '%'} | "
             f"{f(t, '.1f') if t is not None else 'not reached'} | "
             f"{f(r.get('speedup_vs_ddp'), '.2f')} | {f(r.get('train_wall_s'), '.1f')} | "
@@ -144,18 +176,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nprocs", type=int, default=8)
     p.add_argument("--ranks-per-node", type=int, default=4)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="small")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per step")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--eval-interval", type=int, default=20)
-    p.add_argument("--eval-iters", type=int, default=2)
+    p.add_argument("--eval-iters", type=int, default=4)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--value-bits", type=int, default=8, choices=[32, 16, 8])
     p.add_argument("--sync-interval", type=int, default=8)
-    p.add_argument("--sync-seconds", type=float, default=1.0)
+    p.add_argument("--sync-seconds", type=float, default=0.0,
+                   help="A-EDiT round length (0: sync-interval × the measured step time)")
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per method")
     p.add_argument("train_args", nargs="*", help="extra commrt.train arguments (after --)")
@@ -177,8 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     png = plot(results, target, out / "loss_vs_wall.png",
                f"{args.nprocs} ranks, {args.link} ({args.topology}): validation loss vs wall clock")
     summary = dict(link=args.link, topology=args.topology, world_size=args.nprocs,
-                   ranks_per_node=args.ranks_per_node, model=args.model, steps=args.steps,
-                   target_loss=target, plot=str(png) if png else None,
+                   ranks_per_node=args.ranks_per_node, model=args.model,
+                   batch_size=args.batch_size, steps=args.steps, target_loss=target,
+                   speedup_bound=speedup_bound(results), plot=str(png) if png else None,
                    methods=list(results.values()))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     text = table(summary)

@@ -70,3 +70,21 @@ def test_train_cli_help_lists_every_method():
     for method in ("ddp", "spardl", "topka", "gtopk", "quant8", "quant1", "demo", "flexdemo",
                    "edit", "aedit", "acco", "zero1", "dpu", "cdp"):
         assert f"{method}:" in proc.stdout, method
+
+
+def test_train_cli_threads_count_ranks_mpi_does_not_see_as_local(tmp_path):
+    """With MPIR_CVAR_NOLOCAL (as in the perf suite's shaped links) MPI puts each rank in a
+    shared-memory group of its own; the default --threads must still divide this machine's
+    cores among the ranks on it, not give each rank all of them."""
+    import json
+    import os
+
+    env = {**mpi_env(), "MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi",
+           "FI_PROVIDER": "tcp"}
+    cmd = [mpirun_executable(), "-n", "2", sys.executable, "-m", "commrt.train", "--steps", "1",
+           "--eval-iters", "1", "--quiet", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT),
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["threads_per_rank"] == max(1, len(os.sched_getaffinity(0)) // 2), summary
