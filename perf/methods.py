@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from perf.netem import LinkUnavailable, launch_mpi
-from perf.train_bench import plot, read_metrics, time_to_target
+from perf.train_bench import aedit_rounds, plot, read_metrics, time_to_target
 
 METHODS = ("ddp", "demo", "flexdemo", "edit", "aedit")
 HYBRID = ("flexdemo", "edit", "aedit")
@@ -66,8 +66,8 @@ def method_args(method: str, args: argparse.Namespace) -> list[str]:
 def method_steps(method: str, args: argparse.Namespace) -> int:
     """Optimizer steps of one method: A-EDiT's rounds of about sync_interval local steps
     each see about the tokens of `args.steps` steps of the others."""
-    if method == "aedit" and args.sync_seconds == 0 and args.steps > args.warmup_steps:
-        return args.warmup_steps + -(-(args.steps - args.warmup_steps) // args.sync_interval)
+    if method == "aedit" and args.sync_seconds == 0:
+        return aedit_rounds(args.steps, args.warmup_steps, args.sync_interval)
     return args.steps
 
 

@@ -7,7 +7,7 @@ For one (benchmark, op, implementation, link) the time of a call on P ranks movi
 with m(P) the latency rounds of one call (messages per rank: the record's ``messages``
 field, else the formula of ``latency_rounds``), w the wire bytes per rank (the record's
 ``wire_bytes``, else the DESIGN.md volume formula) and P·w the bytes the whole job puts
-on the fabric. β_rank is the cost per byte of one rank's link (per-node NIC, memory copies);
+on the fabric at once (w for point-to-point ops, where one message is in flight). β_rank is the cost per byte of one rank's link (per-node NIC, memory copies);
 β_link the cost per byte of a link every rank shares (the flat shaped loopback of
 perf/netem.py: all ranks' bytes cross one tbf). All coefficients are fitted non-negative on
 *relative* error (times span five decades), choosing the best subset of
@@ -76,13 +76,15 @@ def latency_rounds(op: str, world_size: int) -> float:
 
 
 def features(record: dict) -> np.ndarray:
-    """[1, m, w, P·w] of one record (see module docstring)."""
+    """[1, m, w, senders·w] of one record (see module docstring): a collective's P ranks
+    all send at once; a ping-pong has one message in flight, whatever the world size."""
     p = int(record["world_size"])
     m = record.get("messages")
     m = float(m) if m is not None else latency_rounds(record["op"], p)
     w = record.get("wire_bytes")
     w = float(w) if w is not None else bus_factor(record["op"], p) * float(record["bytes"])
-    return np.array([1.0, m, w, p * w])
+    senders = 1 if _base_op(record["op"]) in ("pingpong", "sendrecv") else p
+    return np.array([1.0, m, w, senders * w])
 
 
 def _nnls_subset(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -70,15 +70,34 @@ def default_target(results: dict[str, dict], baseline: str = "ddp") -> float | N
     return start - 0.95 * (start - best)
 
 
+def aedit_rounds(steps: int, warmup_steps: int, sync_interval: int) -> int:
+    """A-EDiT rounds that see about the tokens of `steps` steps: warm-up steps count one
+    each, then each round of ``--sync-seconds 0`` lasts about `sync_interval` local steps."""
+    if steps <= warmup_steps:
+        return steps
+    return warmup_steps + -(-(steps - warmup_steps) // sync_interval)
+
+
+# commrt.train's defaults, passed explicitly so the round count above stays right.
+AEDIT_WARMUP, AEDIT_INTERVAL = 10, 8
+
+
 def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     run_dir = out / method
-    cmd = ["--method", method, "--steps", str(args.steps), "--model", args.model,
+    steps = args.steps
+    if method == "aedit":
+        # A-EDiT's step is a round: rounds of AEDIT_INTERVAL measured steps, equal tokens.
+        steps = aedit_rounds(args.steps, AEDIT_WARMUP, AEDIT_INTERVAL)
+    cmd = ["--method", method, "--steps", str(steps), "--model", args.model,
            "--log-interval", str(args.log_interval), "--eval-interval", str(args.eval_interval),
            "--eval-iters", str(args.eval_iters), "--out", str(run_dir), "--quiet",
            "--seed", str(args.seed), *args.train_args]
     if method in HYBRID:
         rpn = args.ranks_per_node or (2 if args.nprocs % 2 == 0 else 1)
         cmd += ["--ranks-per-node", str(rpn)]
+    if method == "aedit":
+        cmd += ["--sync-seconds", "0", "--warmup-steps", str(AEDIT_WARMUP),
+                "--sync-interval", str(AEDIT_INTERVAL)]
     start = time.perf_counter()
     entry: dict[str, Any] = dict(method=method, link=args.link, world_size=args.nprocs)
     try:
@@ -105,7 +124,7 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, An
     entry.update(
         final_val_loss=summary.get("final_val_loss",
                                    entry["val_curve"][-1][1] if entry["val_curve"] else None),
-        train_wall_s=wall, steps=steps,
+        train_wall_s=wall, steps=steps, tokens=summary.get("tokens"),
         bytes_per_step=summary.get("wire_bytes_per_step"),
         comm_s=comm, exposed_comm_share=(comm / wall) if comm is not None and wall else None,
         step_ms=(1e3 * wall / steps) if wall and steps else None,
@@ -149,9 +168,9 @@ def report_section(summary: dict, out_dir: Path | None = None) -> str:
              f"{summary.get('model')}, {summary.get('steps')} steps; target validation loss "
              f"{target:.4f} ({summary.get('target_rule')})." if target is not None else
              "no target loss (no run produced validation losses).", "",
-             "| method | status | time to target (s) | final val loss | train wall (s) | step (ms) "
-             "| wire bytes/step/rank | exposed comm |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | status | time to target (s) | final val loss | tokens | train wall (s) "
+             "| step (ms) | wire bytes/step/rank | exposed comm |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def f(x: Any, fmt: str) -> str:
         return "–" if x is None else format(x, fmt)
@@ -160,7 +179,8 @@ def report_section(summary: dict, out_dir: Path | None = None) -> str:
         ttt = r.get("time_to_target_s")
         lines.append(f"| {r['method']} | {r['status']} | "
                      f"{f(ttt, '.1f') if ttt is not None else 'not reached'} | "
-                     f"{f(r.get('final_val_loss'), '.4f')} | {f(r.get('train_wall_s'), '.1f')} | "
+                     f"{f(r.get('final_val_loss'), '.4f')} | {f(r.get('tokens'), ',d')} | "
+                     f"{f(r.get('train_wall_s'), '.1f')} | "
                      f"{f(r.get('step_ms'), '.0f')} | {f(r.get('bytes_per_step'), ',.0f')} | "
                      f"{f(r.get('exposed_comm_share') and 100 * r['exposed_comm_share'], '.0f')}"
                      f"{'%' if r.get('exposed_comm_share') is not None else ''} |")
