@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local steps between synchronisations (edit)")
     g.add_argument("--sync-seconds", type=float, default=1.0,
                    help="wall-clock seconds between synchronisations, agreed across ranks "
-                        "(aedit; 0: --sync-interval times the mean step time measured in warm-up)")
+                        "(aedit; 0: --sync-interval times the mean local step time, measured in a "
+                        "first round of --sync-interval steps)")
     g.add_argument("--step-weighting", type=float, default=0.5,
                    help="A-EDiT's weight r of local step counts in the pseudo-gradient average")
     g.add_argument("--warmup-steps", type=int, default=10,

@@ -17,7 +17,7 @@ Reported per method, from the runs' ``metrics.jsonl`` / ``summary.json``:
 * wire bytes per step per rank (transport counters), exposed communication share.
 
 A-EDiT counts rounds, not steps: with ``--sync-seconds 0`` (the default here) a round lasts
-``--sync-interval`` times the step time measured in warm-up, so it runs
+``--sync-interval`` times the measured local step time, so it runs
 ``warmup + ceil((steps − warmup) / sync_interval)`` rounds to see about the same tokens.
 
 The table's header also gives the bound the link sets: no method can beat DDP by more

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -349,8 +351,10 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(run)
             print(_table(run) + "\n", flush=True)
             (out / "overlap.json").write_text(json.dumps(runs, indent=1))
+    load = os.getloadavg()[0]
     header = ["# Overlap benchmark (perf/overlap.py)", "",
-              "Machine: 2-core CPU sandbox shared with other jobs, no GPU; GPT "
+              f"Machine: {socket.gethostname()}, {os.cpu_count()} cores, load average "
+              f"{load:.1f} at the end (ranks share cores when they outnumber them); GPT "
               f"preset {args.preset} (n_layer {args.n_layer}, n_embd {args.n_embd}, "
               f"block {args.block_size}), batch {args.batch_size} sequences per micro-batch, "
               f"{args.steps}×2 micro-batches per rank per method. Times are per optimizer "

@@ -58,7 +58,7 @@ def _aedit_worker(seed: int, rounds: int) -> None:
     assert min(fast_steps) > 1.5 * slow_steps, (fast_steps, slow_steps)
     method.close()
 
-    # 2. the interval agreed from measured step times (warm-up), on the 2-D mesh
+    # 2. the interval agreed from measured local step times, on the 2-D mesh
     model = _model(seed + 1)
     method = AEDiT(model, torch.optim.AdamW(model.parameters(), lr=1e-2), sync_interval=3,
                    warmup_steps=2, ranks_per_node=rpn)
@@ -67,6 +67,8 @@ def _aedit_worker(seed: int, rounds: int) -> None:
         method.step(next_batch, _loss)
         rounds_seen.append(method.last_round_steps)
     method.flush()
+    # two warm-up steps, then the calibrating round of exactly sync_interval local steps
+    assert rounds_seen[:3] == [1, 1, 3], rounds_seen
     # ranks of one node share every inner step's gradients: equal step counts per round
     per_rank = comm.allgather_object(rounds_seen)
     for node in range(P // rpn):

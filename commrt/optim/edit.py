@@ -557,8 +557,10 @@ class EDiT:
 class AEDiT(EDiT):
     """A-EDiT: EDiT with rounds of a fixed wall-clock length (module docstring).
 
-    Extra args: ``sync_seconds`` (the round length; None: τ × the all-reduced mean step
-    time, measured during warm-up or a first round of τ steps), ``step_weighting`` r
+    Extra args: ``sync_seconds`` (the round length; None: τ × the all-reduced mean local
+    step time, measured in a first round of exactly τ local steps; warm-up steps are not
+    timed, since their synchronous all-reduce would stretch every later round on a slow
+    link), ``step_weighting`` r
     (default 0.5; 0 disables). One `step` call is one round after warm-up (one synchronous
     step during warm-up); ``last_round_steps`` tells how many micro-batches it consumed.
     """
@@ -603,15 +605,10 @@ class AEDiT(EDiT):
         agreed interval has elapsed (at least one), then the synchronization is due."""
         self.last_step_wire_bytes = 0
         if self.inner_steps < self.warmup_steps:
-            start = time.perf_counter()
             loss = self._inner_step(next_batch, loss_fn)
-            self._step_time_sum += time.perf_counter() - start
-            self._step_time_count += 1
             self.steps += 1
             self.last_round_steps = 1
             return loss
-        if self.sync_seconds is None and self._step_time_count > 0:
-            self._agree_interval()   # from the warm-up steps' times
         calibrating = self.sync_seconds is None
         losses = []
         start = time.perf_counter()
