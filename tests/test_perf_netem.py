@@ -91,7 +91,11 @@ def test_perf_netem_teardown_on_failure_and_timeout():
     assert _our_namespaces(os.getpid()) == []
 
 
-_HANG = ("from perf.netem import launch_mpi\n"
+# A shell that starts the test suite in the background (`cmd &`) leaves SIGINT ignored in
+# every descendant, and Python then never raises KeyboardInterrupt: give the child the
+# handler a terminal's Ctrl-C would meet.
+_HANG = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+         "from perf.netem import launch_mpi\n"
          "launch_mpi(2, 'unused', python_args=['-c', 'import time; time.sleep(300)'], "
          "link='1gbit', ranks_per_node={rpn}, timeout=600)\n")
 
