@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from perf.netem import LinkUnavailable, launch_mpi
-from perf.train_bench import aedit_rounds, plot, read_metrics, time_to_target
+from perf.netem import LinkUnavailable
+from perf.train_bench import aedit_rounds, plot, run_training, time_to_target
 
 METHODS = ("ddp", "demo", "flexdemo", "edit", "aedit")
 HYBRID = ("flexdemo", "edit", "aedit")
@@ -82,30 +80,10 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, An
            *method_args(method, args), *args.train_args]
     entry: dict[str, Any] = dict(method=method, link=args.link, world_size=args.nprocs,
                                  topology=args.topology, command=" ".join(cmd))
-    start = time.perf_counter()
-    try:
-        proc = launch_mpi(args.nprocs, "commrt.train", cmd, link=args.link,
-                          ranks_per_node=args.ranks_per_node if args.topology == "two-tier"
-                          else None, timeout=args.timeout, check=False)
-        entry["status"] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-        if proc.returncode != 0:
-            entry["error"] = (proc.stdout[-1500:] + "\n" + proc.stderr[-2500:]).strip()
-    except subprocess.TimeoutExpired:
-        entry["status"] = f"timeout ({args.timeout:.0f}s)"
-    entry["job_wall_s"] = round(time.perf_counter() - start, 1)
-    metrics = read_metrics(run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    entry["val_curve"] = [(float(m["wall_s"]), float(m["val_loss"])) for m in metrics
-                          if m.get("val_loss") is not None]
-    wall = summary.get("wall_s") or (metrics[-1]["wall_s"] if metrics else None)
-    steps = summary.get("steps") or (metrics[-1]["step"] if metrics else None)
-    comm = summary.get("comm_s")
-    entry.update(final_val_loss=summary.get(
-        "final_val_loss", entry["val_curve"][-1][1] if entry["val_curve"] else None),
-        train_wall_s=wall, steps=steps, tokens=summary.get("tokens"),
-        bytes_per_step=summary.get("wire_bytes_per_step"),
-        exposed_comm_share=(comm / wall) if comm is not None and wall else None)
+    run_training(entry, args.nprocs, cmd, run_dir, link=args.link,
+                 ranks_per_node=args.ranks_per_node if args.topology == "two-tier" else None,
+                 timeout=args.timeout)
+    wall = entry["train_wall_s"]
     print(f"  [{entry['status']}] {method}: final val {entry['final_val_loss']}, "
           f"train {wall} s, job {entry['job_wall_s']} s", flush=True)
     if entry.get("error"):

@@ -82,32 +82,20 @@ def aedit_rounds(steps: int, warmup_steps: int, sync_interval: int) -> int:
 AEDIT_WARMUP, AEDIT_INTERVAL = 10, 8
 
 
-def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    run_dir = out / method
-    steps = args.steps
-    if method == "aedit":
-        # A-EDiT's step is a round: rounds of AEDIT_INTERVAL measured steps, equal tokens.
-        steps = aedit_rounds(args.steps, AEDIT_WARMUP, AEDIT_INTERVAL)
-    cmd = ["--method", method, "--steps", str(steps), "--model", args.model,
-           "--log-interval", str(args.log_interval), "--eval-interval", str(args.eval_interval),
-           "--eval-iters", str(args.eval_iters), "--out", str(run_dir), "--quiet",
-           "--seed", str(args.seed), *args.train_args]
-    if method in HYBRID:
-        rpn = args.ranks_per_node or (2 if args.nprocs % 2 == 0 else 1)
-        cmd += ["--ranks-per-node", str(rpn)]
-    if method == "aedit":
-        cmd += ["--sync-seconds", "0", "--warmup-steps", str(AEDIT_WARMUP),
-                "--sync-interval", str(AEDIT_INTERVAL)]
+def run_training(entry: dict[str, Any], nprocs: int, cmd: list[str], run_dir: Path, *,
+                 link: str, ranks_per_node: int | None, timeout: float) -> dict[str, Any]:
+    """Run ``mpirun -n nprocs python -m commrt.train *cmd`` over `link` (its ``--out`` is
+    `run_dir`) and fill `entry` with the job's status and the run's results: curves, final
+    validation loss, wall clock, steps, tokens, wire bytes and exposed communication."""
     start = time.perf_counter()
-    entry: dict[str, Any] = dict(method=method, link=args.link, world_size=args.nprocs)
     try:
-        proc = launch_mpi(args.nprocs, "commrt.train", cmd, link=args.link,
-                          ranks_per_node=args.ranks_per_node, timeout=args.timeout, check=False)
+        proc = launch_mpi(nprocs, "commrt.train", cmd, link=link, ranks_per_node=ranks_per_node,
+                          timeout=timeout, check=False)
         entry["status"] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
         if proc.returncode != 0:
-            entry["error"] = (proc.stdout[-1000:] + "\n" + proc.stderr[-2000:]).strip()
+            entry["error"] = (proc.stdout[-1500:] + "\n" + proc.stderr[-2500:]).strip()
     except subprocess.TimeoutExpired:
-        entry["status"] = f"timeout ({args.timeout:.0f}s)"
+        entry["status"] = f"timeout ({timeout:.0f}s)"
     entry["job_wall_s"] = round(time.perf_counter() - start, 1)
     metrics = read_metrics(run_dir)
     summary_path = run_dir / "summary.json"
@@ -129,6 +117,28 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, An
         comm_s=comm, exposed_comm_share=(comm / wall) if comm is not None and wall else None,
         step_ms=(1e3 * wall / steps) if wall and steps else None,
         tok_per_s=summary.get("tok_per_s"))
+    return entry
+
+
+def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    run_dir = out / method
+    steps = args.steps
+    if method == "aedit":
+        # A-EDiT's step is a round: rounds of AEDIT_INTERVAL measured steps, equal tokens.
+        steps = aedit_rounds(args.steps, AEDIT_WARMUP, AEDIT_INTERVAL)
+    cmd = ["--method", method, "--steps", str(steps), "--model", args.model,
+           "--log-interval", str(args.log_interval), "--eval-interval", str(args.eval_interval),
+           "--eval-iters", str(args.eval_iters), "--out", str(run_dir), "--quiet",
+           "--seed", str(args.seed), *args.train_args]
+    if method in HYBRID:
+        rpn = args.ranks_per_node or (2 if args.nprocs % 2 == 0 else 1)
+        cmd += ["--ranks-per-node", str(rpn)]
+    if method == "aedit":
+        cmd += ["--sync-seconds", "0", "--warmup-steps", str(AEDIT_WARMUP),
+                "--sync-interval", str(AEDIT_INTERVAL)]
+    entry: dict[str, Any] = dict(method=method, link=args.link, world_size=args.nprocs)
+    run_training(entry, args.nprocs, cmd, run_dir, link=args.link,
+                 ranks_per_node=args.ranks_per_node, timeout=args.timeout)
     print(f"  [{entry['status']}] {method}: final val {entry['final_val_loss']}, "
           f"{entry['job_wall_s']} s", flush=True)
     return entry
