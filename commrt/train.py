@@ -453,7 +453,7 @@ def init_torch_distributed(backend: str, comm) -> Any:
         dist.init_process_group("commrt")
     else:
         # gloo needs a store; rank 0 serves one and MPI tells the others where it is.
-        from commrt.backend import mpi_tcp_store
+        from commrt.transports import mpi_tcp_store
         dist.init_process_group("gloo", store=mpi_tcp_store(comm), rank=comm.rank,
                                 world_size=comm.size)
     return dist.group.WORLD
@@ -471,7 +471,7 @@ def _set_threads(requested: int, comm) -> int:
     if threads == 0:
         local = comm.split_shared_memory()
         shared_memory_ranks = local.size
-        local.mpi.Free()
+        local.free()
         hosts = comm.allgather_object(socket.gethostname())
         same_host = hosts.count(socket.gethostname())
         try:
@@ -593,13 +593,13 @@ def save_checkpoint(out: Path, step: int, rank: int, comm, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     _atomic_write_bytes(step_dir / f"rank-{rank:05d}.pt", buffer.getvalue())
-    comm.mpi.Barrier()
+    comm.barrier()
     if rank == 0:
         _atomic_write_bytes(root / "latest", step_dir.name.encode())
         for old in root.glob("step-*"):
             if old.name != step_dir.name:
                 shutil.rmtree(old, ignore_errors=True)
-    comm.mpi.Barrier()
+    comm.barrier()
 
 
 def load_checkpoint(out: Path, rank: int) -> dict:
@@ -757,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return sampler()
 
     def allreduce_mean(values: list[float]) -> list[float]:
-        summed = comm.mpi.allreduce(np.asarray(values, dtype=np.float64))
+        summed = comm.allreduce_object(np.asarray(values, dtype=np.float64))
         return (summed / world_size).tolist()
 
     def evaluate() -> float:
@@ -785,7 +785,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         progress.message(f"step 0: val loss {start_val_loss:.4f}")
 
     fb_s, opt_s = compute_probe
-    comm.mpi.Barrier()
+    comm.barrier()
     wire_before = T.wire.total_bytes()
     t_last = time.perf_counter()
     while step < args.steps:

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if rank == 0:
         print(f"# perf.collectives: {p} ranks, {socket.gethostname()}, torch {torch.__version__}, "
-              f"{os.cpu_count()} CPUs, COMMRT_VALIDATE={os.environ.get('COMMRT_VALIDATE', '1')}")
+              f"{os.cpu_count()} CPUs, TORCH_DISTRIBUTED_DEBUG={os.environ.get('TORCH_DISTRIBUTED_DEBUG', 'OFF')}")
         print(f"# {'op':<15}{'size':>10}{'count':>10}{'type':>9}  {'impl':<18}{'time(us)':>10}"
               f"{'algbw(GB/s)':>13}{'busbw(GB/s)':>13}{'wire/rank':>11}")
     records: list[dict] = []

@@ -14,7 +14,8 @@ runs on every rank, raises on failure) and the pytest test that launches it::
 own process session. An exception on any rank aborts the whole job (the worker installs
 commrt's abort-on-error hook), and a job that outlives ``timeout`` seconds is killed with
 its process group: either way the test fails with every rank's output in the message.
-A hang is a failing test, never a passing one.
+A hang is a failing test, never a passing one. `run_ranks_status` returns the launcher's
+exit status and the output instead, for a job that is meant to fail (a timeout test).
 
 Launching costs a few seconds per job (each rank imports torch), so a worker checks
 everything one concept needs in one launch rather than one launch per assertion.
@@ -59,6 +60,17 @@ def run_ranks(fn: Callable[..., Any], nprocs: int, *, timeout: float = 180.0,
     kwargs must be JSON-serialisable. Fails (AssertionError) if any rank fails, the job
     times out, or the launcher exits non-zero.
     """
+    code, out = run_ranks_status(fn, nprocs, timeout=timeout, env=env, **kwargs)
+    if code != 0:
+        raise AssertionError(
+            f"{fn.__name__} on {nprocs} ranks failed (exit {code}); output:\n{out[-8000:]}")
+    return out
+
+
+def run_ranks_status(fn: Callable[..., Any], nprocs: int, *, timeout: float = 180.0,
+                     env: dict[str, str] | None = None, **kwargs: Any) -> tuple[int, str]:
+    """`run_ranks` for a job that is expected to fail: return (the launcher's exit status,
+    the output). A job that outlives `timeout` still fails the test (AssertionError)."""
     module_file = Path(sys.modules[fn.__module__].__file__).resolve()
     cmd = [mpirun_executable(), "-n", str(nprocs), sys.executable, str(WORKER),
            str(module_file), fn.__name__, json.dumps(kwargs)]
@@ -73,8 +85,4 @@ def run_ranks(fn: Callable[..., Any], nprocs: int, *, timeout: float = 180.0,
         raise AssertionError(
             f"{fn.__name__} on {nprocs} ranks timed out after {timeout:.0f}s (a hang is a "
             f"failure); output:\n{out[-8000:]}") from None
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{fn.__name__} on {nprocs} ranks failed (exit {proc.returncode}); "
-            f"output:\n{out[-8000:]}")
-    return out
+    return proc.returncode, out

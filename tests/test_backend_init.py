@@ -25,7 +25,8 @@ def test_backend_registered_on_import_and_idempotent() -> None:
 
 
 def test_backend_launcher_detection(monkeypatch) -> None:
-    from commrt.backend import launched_by_mpi, validation_enabled
+    from commrt.backend import launched_by_mpi
+    from commrt.transports.agreement import debug_detail
 
     for key in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
                 "PMIX_RANK", "MPI_LOCALRANKID", "HYDRA_CONTROL_FD"):
@@ -36,10 +37,13 @@ def test_backend_launcher_detection(monkeypatch) -> None:
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
     monkeypatch.setenv("PMI_RANK", "0")
     assert launched_by_mpi()
-    monkeypatch.setenv("COMMRT_VALIDATE", "0")
-    assert not validation_enabled()
-    monkeypatch.setenv("COMMRT_VALIDATE", "1")
-    assert validation_enabled()
+    # the agreement switch is torch's: DETAIL blocks before each collective
+    monkeypatch.delenv("TORCH_DISTRIBUTED_DEBUG", raising=False)
+    assert not debug_detail()
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "INFO")
+    assert not debug_detail()
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "detail")
+    assert debug_detail()
 
 
 def test_backend_under_torchrun_fails_with_one_line(tmp_path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from commrt import backend
+from commrt.transports import rendezvous
 from commrt.transports import mpirun_executable
 from perf import netem
 
@@ -16,10 +16,10 @@ WORKER = Path(__file__).with_name("_rendezvous_worker.py")
 
 
 def test_backend_rendezvous_identity_and_addresses():
-    identity = backend._network_identity()
+    identity = rendezvous.network_identity()
     assert identity.startswith(__import__("socket").gethostname() + "/")
-    assert identity == backend._network_identity()
-    addresses = backend._ipv4_addresses()
+    assert identity == rendezvous.network_identity()
+    addresses = rendezvous.ipv4_addresses()
     assert all(not a.startswith("127.") for a in addresses)
     assert len(addresses) == len(set(addresses))
 

@@ -241,3 +241,62 @@ def _all_ops_worker(seed: int) -> None:
 @pytest.mark.parametrize("nprocs", [1, 2, 3, 4, 5])
 def test_coll_backend_all_ops(nprocs: int) -> None:
     run_ranks(_all_ops_worker, nprocs, timeout=240, seed=random.randrange(1 << 30))
+
+
+def _coalesced_worker(seed: int) -> None:
+    """The *_coalesced variants against the formula, with as many inputs as ranks (where
+    reading the output lists as [input][rank] instead of c10d's [rank][input] would still
+    find every slot the right size) and with fewer and more inputs."""
+    init_commrt()
+    rank, P = dist.get_rank(), dist.get_world_size()
+    shapes_by_count = {k: [(i % 3 + 1, 2) if i % 2 else (i + 2,) for i in range(k)]
+                       for k in sorted({1, P, P + 1})}
+    for k, shapes in shapes_by_count.items():
+        for dtype in (torch.float32, torch.int64):
+            tag = f"{k}/{dtype}"
+            mine = [rank_input(seed, rank, f"agc{tag}{i}", s, dtype) for i, s in enumerate(shapes)]
+            # c10d's contract: output_tensor_lists[r][i] receives rank r's input i
+            outs = [[torch.full(s, -1, dtype=dtype) for s in shapes] for _ in range(P)]
+            work = dist.all_gather_coalesced(outs, mine, async_op=True)
+            work.wait()
+            for r in range(P):
+                for i, s in enumerate(shapes):
+                    assert_close(outs[r][i], rank_input(seed, r, f"agc{tag}{i}", s, dtype),
+                                 f"all_gather_coalesced [rank {r}][input {i}] {tag}")
+
+            # all_reduce_coalesced: each tensor reduced on its own
+            ins = [[rank_input(seed, r, f"arc{tag}{i}", s, dtype) for r in range(P)]
+                   for i, s in enumerate(shapes)]
+            ts = [ins[i][rank].clone() for i in range(k)]
+            dist.all_reduce_coalesced(ts, op=R.MAX)
+            for i in range(k):
+                assert_close(ts[i], _reference(ins[i], R.MAX, dtype),
+                             f"all_reduce_coalesced {i} {tag}")
+
+            # all_gather_into_tensor and reduce_scatter_tensor, coalesced by the manager
+            ins = [rank_input(seed, rank, f"agt{tag}{i}", (i + 1,), dtype) for i in range(k)]
+            flats = [torch.empty(P * (i + 1), dtype=dtype) for i in range(k)]
+            with dist._coalescing_manager(async_ops=True) as cm:
+                for flat, inp in zip(flats, ins):
+                    dist.all_gather_into_tensor(flat, inp)
+            cm.wait()
+            for i in range(k):
+                assert_close(flats[i], torch.cat([rank_input(seed, r, f"agt{tag}{i}", (i + 1,),
+                                                             dtype) for r in range(P)]),
+                             f"coalesced all_gather_into_tensor {i} {tag}")
+            full = [[rank_input(seed, r, f"rst{tag}{i}", (P * (i + 1),), dtype) for r in range(P)]
+                    for i in range(k)]
+            outs1 = [torch.empty(i + 1, dtype=dtype) for i in range(k)]
+            with dist._coalescing_manager(async_ops=True) as cm:
+                for i in range(k):
+                    dist.reduce_scatter_tensor(outs1[i], full[i][rank])
+            cm.wait()
+            for i in range(k):
+                expected = _reference(full[i], R.SUM, dtype)[rank * (i + 1):(rank + 1) * (i + 1)]
+                assert_close(outs1[i], expected, f"coalesced reduce_scatter_tensor {i} {tag}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4, 5])
+def test_coll_backend_coalesced(nprocs: int) -> None:
+    run_ranks(_coalesced_worker, nprocs, timeout=180, seed=random.randrange(1 << 30))

@@ -3,6 +3,8 @@
 `world()` is the MPI communicator of the whole job; `for_group(group)` turns whatever a
 caller holds (nothing, a `Communicator`, or a torch.distributed process group) into an
 object with the Communicator interface. `wire` counts every byte sent, by kind.
+`agreement` checks that ranks called a collective with the same arguments; `rendezvous`
+agrees on a torch.distributed TCPStore over MPI (`mpi_tcp_store`).
 """
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import threading
 from typing import Any
 
 from .counters import WireCounter, snapshot_delta, wire
-from .mpi import (ANY_SOURCE, ANY_TAG, Communicator, Request, cuda_aware,
+from .mpi import (ANY_SOURCE, ANY_TAG, Communicator, Request, Wakeup, cuda_aware,
                   install_abort_on_error, mpirun_executable, wait_all, world)
+from .rendezvous import install_env_rendezvous, launched_by_mpi, mpi_tcp_store
 
 __all__ = [
     "ANY_SOURCE", "ANY_TAG", "Communicator", "Request", "WireCounter", "cuda_aware",
-    "for_group", "install_abort_on_error", "mpirun_executable", "snapshot_delta", "wait_all", "wire", "world",
+    "for_group", "install_abort_on_error", "install_env_rendezvous", "launched_by_mpi",
+    "mpi_tcp_store", "mpirun_executable", "snapshot_delta", "Wakeup", "wait_all", "wire",
+    "world",
 ]
 
 _adapters: dict[int, tuple[Any, Any]] = {}

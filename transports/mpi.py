@@ -226,12 +226,173 @@ def _stage_out(t: torch.Tensor, reduce: bool = False) -> _Staged:
 # Requests
 
 
+class _Progress:
+    """Background progress: a daemon thread tests posted requests that nobody is waiting
+    on, so that an operation advances while its caller computes instead of only once the
+    caller waits (MPICH moves data only inside MPI calls, and a collective cannot finish
+    on any rank while one rank makes no MPI calls: async collectives would otherwise only
+    really start at wait()).
+
+    Cost on the posting path: one dict insertion and a counter increment, one dict removal
+    at completion; the thread is woken (a condition notify) only when it had gone idle
+    (nothing posted and nothing pending for IDLE_AFTER_S). A request whose caller is
+    blocked in `wait()` holds the request's lock, so the thread skips it without calling
+    MPI. While only such requests are pending (a stream of blocking calls) the thread
+    wakes every SLOW_DELAY_S: each wake-up takes the GIL from the calling thread, which
+    the blocking hot path must not pay often. Once a request has stayed incomplete and
+    unwaited over two consecutive scans, the thread polls with exponential back-off from
+    MIN_DELAY_S to MAX_DELAY_S (reset when a test completes a request). Stopped at
+    interpreter exit before mpi4py finalizes MPI (atexit runs in reverse order).
+    """
+
+    MIN_DELAY_S = 50e-6
+    MAX_DELAY_S = 2e-3
+    SLOW_DELAY_S = 10e-3
+    IDLE_AFTER_S = 0.1
+
+    def __init__(self) -> None:
+        self.pending: dict[int, "Request"] = {}
+        self.posted = 0
+        self.cond = threading.Condition(threading.Lock())
+        self.idle = True
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    def watch(self, req: "Request") -> None:
+        self.pending[id(req)] = req
+        self.posted += 1
+        # Read after the insertion: the thread sets `idle` and then re-checks `pending`
+        # under the condition's lock, so either it sees this request or this sees idle.
+        if self.idle:
+            with self.cond:
+                if self.stopped:
+                    return
+                if self.thread is None:
+                    import atexit
+
+                    self.thread = threading.Thread(target=self._loop, name="commrt-mpi-progress",
+                                                   daemon=True)
+                    self.thread.start()
+                    atexit.register(self.stop)
+                self.idle = False
+                self.cond.notify()
+
+    def forget(self, req: "Request") -> None:
+        self.pending.pop(id(req), None)
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=5.0)
+
+    def _loop(self) -> None:
+        delay = self.SLOW_DELAY_S
+        quiet_since: float | None = None
+        posted = -1
+        outstanding: set[int] = set()   # tested incomplete and unwaited at the last scan
+        while True:
+            with self.cond:
+                if self.pending or self.posted != posted:
+                    quiet_since, posted = None, self.posted
+                elif quiet_since is None:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > self.IDLE_AFTER_S:
+                    self.idle = True
+                while self.idle and not self.pending and not self.stopped:
+                    self.cond.wait()
+                if self.stopped:
+                    return
+                if self.idle:
+                    self.idle, quiet_since = False, None
+            time.sleep(delay)
+            progressed, still = False, set()
+            for key, req in list(self.pending.items()):
+                if self.stopped:
+                    return
+                try:
+                    state = req._poll()
+                except Exception:  # an MPI error: its waiter gets it from wait()
+                    self.forget(req)
+                    continue
+                progressed |= state is True
+                if state is False:
+                    still.add(key)
+            if progressed:
+                delay = self.MIN_DELAY_S
+            elif still & outstanding:  # work in flight that nobody waits on: poll fast
+                delay = self.MIN_DELAY_S if delay >= self.SLOW_DELAY_S else \
+                    min(2 * delay, self.MAX_DELAY_S)
+            else:
+                delay = self.SLOW_DELAY_S
+            outstanding = still
+
+
+_progress = _Progress()
+
+
+class Wakeup:
+    """Lets another thread end this thread's blocking waits (a timeout watchdog does).
+
+    `wait(request)` blocks in MPI_Waitany on the given mpi4py request and a 1-byte receive
+    pre-posted on a private duplicate of MPI_COMM_SELF; `fire()`, from any thread, sends
+    that byte, so the wait returns False, and the receive is posted again. Nothing polls:
+    the waiting thread sleeps inside MPI exactly as in MPI_Wait. A fire that finds no
+    waiter makes the thread's next wait return False once (a spurious wake: callers
+    re-check their condition and wait again). One per thread (`Wakeup.of_thread()`).
+    Needs MPI_THREAD_MULTIPLE, mpi4py's default.
+    """
+
+    __slots__ = ("_tag", "_buf", "_recv")
+
+    _comm: Any = None
+    _next_tag = 0
+    _create_lock = threading.Lock()
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        MPI = _mpi()
+        with Wakeup._create_lock:
+            if Wakeup._comm is None:
+                Wakeup._comm = MPI.COMM_SELF.Dup()
+            self._tag = Wakeup._next_tag
+            Wakeup._next_tag = (Wakeup._next_tag + 1) % 32768  # MPI guarantees 32767
+        self._buf = bytearray(1)
+        self._recv = Wakeup._comm.Irecv([self._buf, 1, MPI.BYTE], 0, self._tag)
+
+    @classmethod
+    def of_thread(cls) -> "Wakeup":
+        """The calling thread's Wakeup (created on first use)."""
+        wakeup = getattr(cls._local, "wakeup", None)
+        if wakeup is None:
+            wakeup = cls._local.wakeup = cls()
+        return wakeup
+
+    def wait(self, request: Any, status: Any = None) -> bool:
+        """Block until mpi4py `request` completes (True; `status` filled) or `fire()` is
+        called (False). `request` must not be MPI_REQUEST_NULL."""
+        MPI = _mpi()
+        if MPI.Request.Waitany([request, self._recv], status) == 0:
+            return True
+        self._recv = Wakeup._comm.Irecv([self._buf, 1, MPI.BYTE], 0, self._tag)
+        return False
+
+    def fire(self) -> None:
+        """End the owner thread's current (or next) `wait` (any thread; returns at once:
+        a 1-byte send to self is eager)."""
+        Wakeup._comm.Send([b"\x01", 1, _mpi().BYTE], 0, self._tag)
+
+
 class Request:
     """A pending operation: one or more MPI requests and what to do when they complete.
 
     `wait()` blocks (releasing the GIL inside MPI) and `test()` polls; both are safe to call
     from several threads, and the completion work (copy back into non-contiguous or device
-    tensors, downcast after an upcast reduction) runs exactly once.
+    tensors, downcast after an upcast reduction) runs exactly once. From posting until it
+    completes, a request is also progressed by a background thread (`_Progress`), so
+    communication overlaps the caller's computation without any call from the caller;
+    completion work and callbacks may therefore run on that thread.
     """
 
     __slots__ = ("_reqs", "_staged", "_done", "_lock", "_callbacks", "source", "nbytes")
@@ -242,9 +403,11 @@ class Request:
         self._staged = staged
         self._callbacks = list(callbacks)
         self._done = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.source: int | None = None  # irecv: the rank the message came from
         self.nbytes: int | None = None  # irecv: the bytes actually received
+        if reqs:
+            _progress.watch(self)
 
     @classmethod
     def completed(cls, staged: Sequence[_Staged] = ()) -> "Request":
@@ -279,11 +442,36 @@ class Request:
         self._run_callbacks()
         return self
 
+    def wait_or_wake(self, wakeup: Wakeup) -> bool:
+        """`wait()`, unless `wakeup` fires first: then return False (still pending)."""
+        if self._done:
+            return True
+        with self._lock:
+            if not self._done:
+                MPI = _mpi()
+                if len(self._reqs) == 1:
+                    status = MPI.Status()
+                    if not wakeup.wait(self._reqs[0], status):
+                        return False
+                else:
+                    status = None
+                    for req in self._reqs:  # a completed one is MPI_REQUEST_NULL
+                        if req != MPI.REQUEST_NULL and not wakeup.wait(req):
+                            return False
+                self._complete(status)
+        self._run_callbacks()
+        return True
+
     def test(self) -> bool:
+        return self._poll() is True
+
+    def _poll(self) -> bool | None:
+        """True: complete (completion work done); False: tested, not complete; None:
+        another thread holds the request (waiting on it or completing it)."""
         if self._done:
             return True
         if not self._lock.acquire(blocking=False):
-            return False  # another thread is completing it
+            return None
         try:
             if not self._done:
                 MPI = _mpi()
@@ -307,7 +495,16 @@ class Request:
         for s in self._staged:
             s.finish()
         self._staged = ()
+        # Callbacks run before the request counts as done (the caller holds the lock, a
+        # reentrant one, so a callback may add callbacks): whoever sees it done, e.g. a
+        # wait() returning early because the progress thread completed it, also sees their
+        # effects (the received-bytes count).
+        while self._callbacks:
+            callbacks, self._callbacks = self._callbacks, []
+            for fn in callbacks:
+                fn()
         self._done = True
+        _progress.forget(self)
 
     def _run_callbacks(self) -> None:
         with self._lock:
@@ -613,22 +810,37 @@ class Communicator:
         """Pickled all-gather (not counted: control traffic)."""
         return self.mpi.allgather(obj)
 
+    def allreduce_object(self, obj: Any) -> Any:
+        """Pickled sum over ranks (numbers or numpy arrays; not counted: control traffic)."""
+        return self.mpi.allreduce(obj)
+
     def check_uniform(self, values: Sequence[int], what: str) -> None:
         """Collective: raise ValueError on every rank unless all ranks passed equal values.
 
-        Costs one small allreduce (max of v and -v). Every rank must pass the same number of
-        values. Used before collectives whose ranks might disagree on shapes or dtypes,
-        which MPI would otherwise turn into a truncation error, corruption or a hang.
+        Costs one small allreduce (`commrt.transports.agreement`, the project's one
+        agreement mechanism). Every rank must pass the same number of values. Used before
+        collectives whose ranks might disagree on shapes or dtypes, which MPI would
+        otherwise turn into a truncation error, corruption or a hang.
         """
-        n = len(values)
-        both = np.empty(2 * n, dtype=np.int64)
-        both[:n] = values
-        both[n:] = -both[:n]
-        self.mpi.Allreduce(_mpi().IN_PLACE, both, op=_mpi().MAX)
-        high, low = both[:n], -both[n:]
-        if (high != low).any():
-            raise ValueError(f"{what} differs across ranks: per-position min {low.tolist()}, "
-                             f"max {high.tolist()} (this rank: {list(values)})")
+        from .agreement import check_uniform
+
+        check_uniform(self, values, what)
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def congruent(self, other: "Communicator") -> bool:
+        """Whether `other` holds the same ranks in the same order (the same communicator or
+        a duplicate of it)."""
+        MPI = _mpi()
+        return self.mpi.Compare(other.mpi) in (MPI.IDENT, MPI.CONGRUENT)
+
+    def free(self) -> None:
+        """Release the MPI communicator (collective over its ranks; not for the world)."""
+        self.mpi.Free()
+
+    def abort(self, code: int = 1) -> None:
+        """End every process of the job at once (MPI_Abort), e.g. after a hung collective."""
+        self.mpi.Abort(code)
 
     # -- argument checks --------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
 from typing import Any, Sequence
 
@@ -45,8 +44,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 def validation_enabled() -> bool:
-    """`COMMRT_VALIDATE=0` skips the cross-rank agreement check (one small allreduce)."""
-    return os.environ.get("COMMRT_VALIDATE", "1").strip() != "0"
+    """Whether the collectives check argument agreement across ranks: always. The check is
+    the transport's one agreement mechanism (`Communicator.check_uniform`, one small
+    allreduce); torch's TORCH_DISTRIBUTED_DEBUG only decides, in the torch backend, whether
+    it blocks before the data (DETAIL) or travels beside it."""
+    return True
 
 
 def agree(comm, error: str | None, signature: Sequence[int], what: str) -> None:
@@ -56,7 +58,7 @@ def agree(comm, error: str | None, signature: Sequence[int], what: str) -> None:
     A local error is first shared with every rank (a flag in the same small allreduce), so
     that a mistake on one rank cannot leave the others waiting in the collective.
     """
-    if comm.size == 1 or not validation_enabled():
+    if comm.size == 1:
         if error:
             raise ValueError(error)
         return

@@ -75,14 +75,12 @@ class HybridMesh:
         self._device_mesh = None
 
     def _detect_nodes(self) -> tuple[int, int]:
-        from mpi4py import MPI
-
-        local = self.world.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.world.rank)
+        local = self.world.split_shared_memory()
         try:
-            local_rank, local_size = local.Get_rank(), local.Get_size()
-            leader = local.bcast(self.world.rank, root=0)
+            local_rank, local_size = local.rank, local.size
+            leader = local.bcast_object(self.world.rank, 0)
         finally:
-            local.Free()
+            local.free()
         info = self.world.allgather_object((leader, local_size))
         sizes = {s for _, s in info}
         if len(sizes) != 1:
@@ -148,12 +146,9 @@ def resolve_mesh(mesh: HybridMesh | None, ranks_per_node: int | None,
     if process_group is not None:
         comm = T.for_group(process_group)
         same = comm.size == mesh.size and comm.rank == mesh.world.rank
-        if same and getattr(comm, "mpi", None) is not None \
-                and getattr(mesh.world, "mpi", None) is not None:
-            from mpi4py import MPI
-
+        if same and isinstance(comm, T.Communicator) and isinstance(mesh.world, T.Communicator):
             # congruent: the same ranks in the same order (a dup of the mesh's communicator)
-            same = comm.mpi.Compare(mesh.world.mpi) in (MPI.IDENT, MPI.CONGRUENT)
+            same = comm.congruent(mesh.world)
         if not same:
             raise ValueError(
                 f"process_group (rank {comm.rank} of {comm.size}) does not match the mesh "
