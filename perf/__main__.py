@@ -6,7 +6,8 @@ Suites (each launches its own ``mpirun`` jobs, over every requested link):
                commrt / gloo and SparDL vs dense on 4 ranks, a small kernel run; headline
                numbers (commrt/raw-MPI throughput, SparDL speedup at 1 Gbit/s), model check.
   collectives  nccl-tests sweeps of every dense collective, raw mpi4py / commrt / gloo,
-               world sizes 2..4 (non powers of two included).
+               world sizes 2..4 (non powers of two included); the backend against raw
+               mpi4py on the same buffers, rounds alternated (perf/backend.py, shm).
   sparse       every sparse / quantized algorithm against dense.
   kernels      the compression kernels, single process.
   train        every method of ``python -m commrt.train`` on one link: time-to-target-loss,
@@ -116,6 +117,14 @@ def build_jobs(suite: str, links: list[str], nprocs: list[int], tiny: bool,
                     + (["--repeats", "1", "--budget-mb", "1", "--min-iters", "2", "--max-iters", "10"]
                        if tiny else ["--repeats", "3", "--budget-mb", "8", "--max-iters", "50"]),
                     timeout=600)
+    if suite in ("collectives", "all") and "shm" in links:
+        # perf.backend: the torch backend against raw mpi4py on the same buffers, rounds
+        # alternated (per-call overhead and throughput ratio; the targets are shm).
+        for n in nprocs:
+            add("backend", "perf.backend", n, "shm",
+                ["--worker", "--sizes", _sizes(tiny, "1k,64k", "1k,4k,64k,1m,4m")]
+                + (["--rounds", "2", "--warmup", "1", "--budget-mb", "0.5"] if tiny
+                   else ["--rounds", "9"]), timeout=900)
     if suite in ("quick", "sparse", "all"):
         # perf.sparse drives its own mpirun jobs (one per link and world size) through netem.
         sp_links = (shaped or links) if suite == "quick" else links

@@ -1,0 +1,326 @@
+"""The `commrt` torch.distributed backend against raw mpi4py, on the same buffers, in one run.
+
+    python -m perf.backend                          # 2 and 4 ranks, shm, 9 rounds
+    python -m perf.backend --ranks 2 --rounds 15 --out backend.md
+    python -m perf.backend --layers                 # also the layers in between (see below)
+
+The driver launches one ``mpirun`` job per world size in ``--ranks`` (perf.netem's
+launcher, shm) with ``--worker``; the perf suite (``python -m perf run collectives``)
+runs the worker directly. Per op and size, every rank holds one set of torch tensors;
+raw mpi4py works on numpy views of exactly those tensors, the backend on the tensors:
+
+  op              raw mpi4py (blocking)            backend (blocking, default group)
+  all_reduce      Allreduce(IN_PLACE, SUM)          dist.all_reduce
+  all_gather      Allgather                         dist.all_gather_into_tensor
+  reduce_scatter  Reduce_scatter_block(SUM)         dist.reduce_scatter_tensor
+  broadcast       Bcast(root 0)                     dist.broadcast
+
+float32, sizes are the whole array (all_gather: the output, reduce_scatter: the input).
+Each round times a loop of `iters` calls of raw mpi4py, then a loop of the backend (then,
+with ``--layers``, mpi4py's non-blocking call + Wait and the commrt transport's request +
+wait, i.e. the backend minus torch.distributed and the process group), each loop
+started by a barrier and timed as its slowest rank; ``--rounds`` rounds alternate
+A B, B A, A B, ... so load changes on a shared machine hit both alike and neither
+always runs first. Reported: the medians over
+rounds of each loop's per-call time, the per-call overhead = median over rounds of
+(backend - raw), the throughput ratio = median over rounds of raw/backend, and the CPU
+time per call of the calling thread (slowest rank; less sensitive to other jobs' load
+than wall time). The issue's targets (2 ranks, shm): overhead <= 10 us at <= 4 KiB and
+ratio >= 0.95 at >= 1 MiB; the `target` column says ok / MISS there (no target at other
+world sizes).
+
+Output: a markdown table per world size with machine info (cores, load average before
+and after each job, ranks per core, MPI library, the environment variables that change
+the result: COMMRT_*, MPIR_CVAR_*, TORCH_DISTRIBUTED_DEBUG), printed and written to
+``--out`` (default ``perf/results/<date>-<host>/backend.md``); ``--json`` writes the
+records (op, impl, bytes, time_us, cpu_us, world_size; the backend's records also carry
+overhead_us and ratio). Timings from a loaded machine say little: the table shows the
+load average beside every job.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from perf.netem import REPO_ROOT, job_env, launch_mpi
+
+OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast")
+DEFAULT_SIZES = "1k,4k,64k,1m,4m"
+SMALL_BYTES = 4 << 10       # the per-call overhead target applies at and below this size
+LARGE_BYTES = 1 << 20       # the throughput target applies at and above this size
+TARGET_OVERHEAD_US = 10.0
+TARGET_RATIO = 0.95
+TARGET_WORLD_SIZE = 2
+ENV_PREFIXES = ("COMMRT_", "MPIR_CVAR_", "TORCH_DISTRIBUTED_DEBUG", "OMP_NUM_THREADS")
+
+
+# --------------------------------------------------------------------------------------
+# worker: runs on every rank of one MPI job
+
+
+def _layer_calls(op: str, b: Any) -> dict[str, Callable[[], None]]:
+    """mpi4py's non-blocking call + Wait, and the commrt transport's request + wait, on
+    the same buffers: the steps between raw blocking MPI and the backend."""
+    from mpi4py import MPI
+
+    from commrt import transports as T
+
+    comm, world = MPI.COMM_WORLD, T.world()
+    inp, out = b.inp.numpy(), b.out.numpy()
+    if op == "allreduce":
+        return {"mpi4py-nb": lambda: comm.Iallreduce(MPI.IN_PLACE, out, op=MPI.SUM).Wait(),
+                "transport": lambda: world.iallreduce(b.out).wait()}
+    if op == "allgather":
+        return {"mpi4py-nb": lambda: comm.Iallgather(inp, out).Wait(),
+                "transport": lambda: world.iallgather(b.inp, b.out).wait()}
+    if op == "reduce_scatter":
+        return {"mpi4py-nb": lambda: comm.Ireduce_scatter_block(inp, out, op=MPI.SUM).Wait(),
+                "transport": lambda: world.ireduce_scatter(b.inp, b.out).wait()}
+    return {"mpi4py-nb": lambda: comm.Ibcast(out, root=0).Wait(),
+            "transport": lambda: world.ibroadcast(b.out, 0).wait()}
+
+
+def run_worker(args: argparse.Namespace) -> list[dict]:
+    """Time every (op, size) on this job's ranks; rank 0 returns (and writes) the records."""
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    import commrt  # noqa: F401  (registers the backend)
+    from perf.collectives import Buffers, iterations, raw_call, timed, torch_call
+
+    torch.set_num_threads(1)
+    dist.init_process_group("commrt")
+    comm = MPI.COMM_WORLD
+    rank, p = comm.Get_rank(), comm.Get_size()
+    records: list[dict] = []
+    for op in args.ops:
+        for nbytes in args.sizes:
+            b = Buffers(op, nbytes, torch.float32, p)
+            calls = {"mpi4py": raw_call(op, b), "commrt": torch_call(op, b, None)}
+            if args.layers:
+                calls.update(_layer_calls(op, b))
+            iters = iterations(b.nbytes, args.budget_mb, args.min_iters, args.max_iters)
+            for fn in calls.values():  # warm-up: MPICH's shm collectives switch in after a few
+                for _ in range(args.warmup):
+                    fn()
+            wall: dict[str, list[float]] = {k: [] for k in calls}
+            cpu: dict[str, list[float]] = {k: [] for k in calls}
+            order = list(calls.items())
+            for k in range(args.rounds):
+                # Every other round in reverse, so that no implementation always runs
+                # first (right after the barrier) or right after a particular other one.
+                for impl, fn in (order if k % 2 == 0 else order[::-1]):
+                    w, c = timed(fn, iters, comm)
+                    wall[impl].append(w)
+                    cpu[impl].append(c)
+            raw = wall["mpi4py"]
+            for impl in calls:
+                rec = dict(op=op, impl=impl, bytes=b.nbytes, count=b.count, dtype="float32",
+                           world_size=p, iters=iters, rounds=args.rounds,
+                           time_us=1e6 * statistics.median(wall[impl]),
+                           cpu_us=1e6 * statistics.median(cpu[impl]))
+                if impl != "mpi4py":
+                    rec["overhead_us"] = 1e6 * statistics.median(
+                        [x - r for x, r in zip(wall[impl], raw)])
+                    rec["ratio"] = statistics.median([r / x for x, r in zip(wall[impl], raw)])
+                records.append(rec)
+            if rank == 0:
+                rec = next(r for r in records[-len(calls):] if r["impl"] == "commrt")
+                print(f"[perf.backend] P={p} {op:<15}{b.nbytes:>9} B  raw "
+                      f"{records[-len(calls)]['time_us']:9.1f} us  commrt {rec['time_us']:9.1f} us"
+                      f"  +{rec['overhead_us']:.1f} us  {rec['ratio']:.2f}x", flush=True)
+    dist.destroy_process_group()
+    if rank == 0 and args.json:
+        # The perf suite reads "records"; the driver also reports what the ranks ran with.
+        Path(args.json).write_text(json.dumps(dict(
+            records=records, mpi=MPI.Get_library_version().splitlines()[0].strip(),
+            throttle=os.environ.get("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "unset")), indent=1))
+    return records
+
+
+# --------------------------------------------------------------------------------------
+# driver: one MPI job per world size, then the table
+
+
+def fmt_size(n: int) -> str:
+    for suffix, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {suffix}"
+    return f"{n} B"
+
+
+def target_verdict(rec: dict) -> str:
+    """'ok' / 'MISS' against the issue's targets, '' where none applies."""
+    if rec["world_size"] != TARGET_WORLD_SIZE:
+        return ""
+    if rec["bytes"] <= SMALL_BYTES:
+        return "ok" if rec["overhead_us"] <= TARGET_OVERHEAD_US else "MISS"
+    if rec["bytes"] >= LARGE_BYTES:
+        return "ok" if rec["ratio"] >= TARGET_RATIO else "MISS"
+    return ""
+
+
+def markdown_table(records: list[dict]) -> str:
+    """One table of a world size's records (all of one job)."""
+    by = {(r["op"], r["bytes"], r["impl"]): r for r in records}
+    layers = any(r["impl"] == "transport" for r in records)
+    head = ["op", "size", "raw mpi4py (us)", "commrt (us)", "overhead (us)", "ratio",
+            "CPU raw (us)", "CPU commrt (us)"]
+    if layers:
+        head[4:4] = ["mpi4py I*+Wait (us)", "transport (us)"]
+    head.append("target")
+    rows = []
+    for (op, nbytes, impl), rec in by.items():
+        if impl != "commrt":
+            continue
+        raw = by[(op, nbytes, "mpi4py")]
+        row = [op, fmt_size(nbytes), f"{raw['time_us']:.1f}", f"{rec['time_us']:.1f}",
+               f"{rec['overhead_us']:+.1f}", f"{rec['ratio']:.2f}", f"{raw['cpu_us']:.1f}",
+               f"{rec['cpu_us']:.1f}", target_verdict(rec)]
+        if layers:
+            row[4:4] = [f"{by[(op, nbytes, k)]['time_us']:.1f}" for k in ("mpi4py-nb", "transport")]
+        rows.append(row)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    cores = os.cpu_count() or 1
+    return dict(host=socket.gethostname(), cores=cores, load_avg=list(os.getloadavg()),
+                python=sys.version.split()[0],
+                env={k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)})
+
+
+def launch(args: argparse.Namespace, nprocs: int, worker_args: list[str]) -> subprocess.CompletedProcess:
+    """One worker job: perf.netem's mpirun over shm, or `--launcher` (its argv, then
+    ``-n N python -m perf.backend ...``) with the same environment."""
+    if not args.launcher:
+        return launch_mpi(nprocs, "perf.backend", worker_args, timeout=args.timeout, check=False)
+    cmd = [*shlex.split(args.launcher), "-n", str(nprocs), sys.executable, "-m", "perf.backend",
+           *worker_args]
+    return subprocess.run(cmd, cwd=str(REPO_ROOT), env=job_env(nprocs), capture_output=True,
+                          text=True, timeout=args.timeout)
+
+
+def run_driver(args: argparse.Namespace) -> int:
+    machine = machine_info()
+    sections: list[str] = []
+    all_records: list[dict] = []
+    failed: list[str] = []
+    mpi_libs: set[str] = set()
+    for nprocs in args.ranks:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "records.json"
+            worker_args = ["--worker", "--json", str(result), "--ops", ",".join(args.ops),
+                           "--sizes", ",".join(map(str, args.sizes)),
+                           "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+                           "--budget-mb", str(args.budget_mb), "--min-iters", str(args.min_iters),
+                           "--max-iters", str(args.max_iters)] + (["--layers"] if args.layers else [])
+            load_before = os.getloadavg()[0]
+            started = time.perf_counter()
+            try:
+                proc = launch(args, nprocs, worker_args)
+            except subprocess.TimeoutExpired:
+                failed.append(f"{nprocs} ranks: timed out after {args.timeout:.0f} s")
+                continue
+            sys.stdout.write(proc.stdout)
+            if proc.returncode != 0 or not result.exists():
+                failed.append(f"{nprocs} ranks: exit {proc.returncode}")
+                sys.stderr.write(proc.stderr[-4000:])
+                continue
+            job = json.loads(result.read_text())
+        records = job["records"]
+        all_records += records
+        mpi_libs.add(job["mpi"])
+        sections.append(
+            f"## {nprocs} ranks ({nprocs / machine['cores']:.1f} ranks per core)\n\n"
+            f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
+            f"{time.perf_counter() - started:.0f} s; MPIR_CVAR_CH4_PROGRESS_THROTTLE={job['throttle']}"
+            f"\n\n{markdown_table(records)}\n")
+    env = ", ".join(f"{k}={v}" for k, v in machine["env"].items()) or "none set"
+    header = (
+        f"# commrt backend vs raw mpi4py\n\n"
+        f"{_dt.datetime.now().isoformat(timespec='seconds')}, host {machine['host']}: "
+        f"{machine['cores']} cores, load average {machine['load_avg'][0]:.2f} / "
+        f"{machine['load_avg'][1]:.2f} / {machine['load_avg'][2]:.2f} (1/5/15 min) at start; "
+        f"{', '.join(sorted(mpi_libs)) or 'MPI library unknown'}; Python {machine['python']}; environment: {env}.\n\n"
+        f"float32, shm, blocking calls on the same buffers; {args.rounds} rounds alternating "
+        f"raw / commrt{' / the layers' if args.layers else ''}; times are medians over rounds "
+        f"of a loop's per-call time (slowest rank); overhead = median of (commrt - raw), "
+        f"ratio = median of raw/commrt (throughput). Targets at {TARGET_WORLD_SIZE} ranks: "
+        f"overhead <= {TARGET_OVERHEAD_US:g} us at <= {fmt_size(SMALL_BYTES)}, ratio >= "
+        f"{TARGET_RATIO} at >= {fmt_size(LARGE_BYTES)}.\n"
+        + (f"\nnot run: {'; '.join(failed)}\n" if failed else ""))
+    text = header + "\n" + "\n".join(sections)
+    print(text)
+    out = Path(args.out) if args.out else (
+        REPO_ROOT / "perf" / "results" / f"{_dt.date.today().isoformat()}-"
+        f"{socket.gethostname().split('.')[0] or 'host'}" / "backend.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"[perf.backend] wrote {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(all_records, indent=1))
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from perf.collectives import parse_size
+
+    p = argparse.ArgumentParser(prog="python -m perf.backend", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", default="2,4", help="world sizes, one MPI job each (2,4)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {','.join(OPS)}")
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help="whole-array sizes (1k,4k,64k,1m,4m)")
+    p.add_argument("--rounds", type=int, default=9, help="alternating rounds (medians over them)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls per implementation")
+    p.add_argument("--budget-mb", type=float, default=8.0,
+                   help="bytes per timed loop (sets the iterations per loop)")
+    p.add_argument("--min-iters", type=int, default=5)
+    p.add_argument("--max-iters", type=int, default=400)
+    p.add_argument("--layers", action="store_true",
+                   help="also time mpi4py's non-blocking call + Wait and the commrt transport")
+    p.add_argument("--launcher", default=None,
+                   help="launcher argv instead of perf.netem's mpirun, e.g. 'mpirun -bind-to core'"
+                        " (the driver appends -n N python -m perf.backend ...)")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds per MPI job")
+    p.add_argument("--out", default=None, help="markdown output path")
+    p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    bad = [o for o in args.ops if o not in OPS]
+    if bad:
+        p.error(f"unknown ops {bad}; choose from {', '.join(OPS)}")
+    if not args.ranks or min(args.ranks) < 2:
+        p.error("--ranks needs world sizes >= 2 (one rank has nothing to compare)")
+    if args.rounds < 1 or args.warmup < 0:
+        p.error("--rounds must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    return run_driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""perf.backend: a tiny end-to-end run (the driver launches its MPI jobs, through perf.netem and
+through --launcher), the records and the markdown table; the verdicts against the issue's
+targets on hand-made records."""
+import json
+import subprocess
+import sys
+
+from commrt.transports import mpirun_executable
+from perf import backend as pb
+from perf import netem
+
+
+def _run(tmp_path, *extra: str) -> tuple[str, list[dict]]:
+    md, js = tmp_path / "backend.md", tmp_path / "records.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "perf.backend", "--sizes", "1k,64k", "--ops", "allreduce,broadcast",
+         "--rounds", "2", "--warmup", "1", "--budget-mb", "0.25", "--out", str(md), "--json",
+         str(js), *extra],
+        cwd=str(netem.REPO_ROOT), env=netem.job_env(1), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return md.read_text(), json.loads(js.read_text())
+
+
+def _check(text: str, records: list[dict], ranks: list[int], layers: bool) -> None:
+    impls = {"mpi4py", "commrt"} | ({"mpi4py-nb", "transport"} if layers else set())
+    seen = {(r["world_size"], r["op"], r["impl"]) for r in records}
+    for p in ranks:
+        assert f"## {p} ranks" in text
+        for op in ("allreduce", "broadcast"):
+            for impl in impls:
+                assert (p, op, impl) in seen, (p, op, impl)
+            assert f"| {op} | 1 KiB |" in text or f"| {op} | 1020 B |" in text
+    for r in records:
+        assert r["time_us"] > 0 and r["cpu_us"] >= 0 and r["rounds"] == 2
+        if r["impl"] != "mpi4py":
+            assert r["ratio"] > 0
+    assert "load average" in text and "ranks per core" in text and "cores" in text
+
+
+def test_perf_backend_tiny(tmp_path):
+    text, records = _run(tmp_path, "--ranks", "2")
+    _check(text, records, [2], layers=False)
+    # 2 ranks: the overhead target applies at 1 KiB, neither target at 64 KiB
+    row = next(line for line in text.splitlines() if line.startswith("| allreduce | 1 KiB |"))
+    assert row.rstrip(" |").endswith(("ok", "MISS"))
+
+
+def test_perf_backend_launcher_layers(tmp_path):
+    text, records = _run(tmp_path, "--ranks", "3", "--layers", "--launcher", mpirun_executable())
+    _check(text, records, [3], layers=True)
+    assert "transport (us)" in text
+
+
+def test_target_verdicts():
+    def rec(p, nbytes, overhead, ratio):
+        return dict(world_size=p, bytes=nbytes, overhead_us=overhead, ratio=ratio)
+    assert pb.target_verdict(rec(2, 1024, 9.9, 0.2)) == "ok"
+    assert pb.target_verdict(rec(2, 4096, 10.5, 0.9)) == "MISS"
+    assert pb.target_verdict(rec(2, 64 << 10, 50.0, 0.5)) == ""      # between the targets
+    assert pb.target_verdict(rec(2, 1 << 20, 30.0, 0.95)) == "ok"
+    assert pb.target_verdict(rec(2, 4 << 20, 1.0, 0.94)) == "MISS"
+    assert pb.target_verdict(rec(4, 1024, 99.0, 0.1)) == ""          # no target at 4 ranks
