@@ -356,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a checkpoint every N steps into OUT/checkpoint (0: never)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint")
+                   help="continue the run in --out from its latest checkpoint; the result is "
+                   "bit-identical to an uninterrupted run except for the timing-driven methods "
+                   "(aedit; acco and dpu without --micro-batches)")
     g.add_argument("--stop-at", type=int,
                    help="stop after this step without finishing, as an interrupted run would "
                    "(for testing --resume)")
@@ -569,6 +571,12 @@ def write_plot(records: list[dict], path: Path, title: str) -> None:
 
 # --------------------------------------------------------------------------------------
 # Checkpoints: OUT/checkpoint/step-NNNNNNN/rank-NNNNN.pt, then OUT/checkpoint/latest
+#
+# A rank's file holds everything its next steps depend on: the method's state_dict (model,
+# optimizer, error-feedback residuals, the collectives' adaptive state, counters), the
+# sampler's position and the torch/python/numpy RNG states. So a resumed run is bit-identical
+# to an uninterrupted one, except for methods whose steps depend on wall-clock timing (aedit's
+# rounds; acco/dpu accumulating until a round finishes, without --micro-batches).
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -610,12 +618,16 @@ def load_checkpoint(out: Path, rank: int) -> dict:
     return torch.load(step_dir / f"rank-{rank:05d}.pt", map_location="cpu", weights_only=False)
 
 
-# Arguments that must match between a checkpoint and the run that resumes it.
-_RESUME_KEYS = ("method", "model", "n_layer", "n_head", "n_embd", "block_size", "data",
-                "batch_size", "accumulation_steps", "seed", "steps", "density", "teams",
-                "topk", "chunk", "sync_interval", "stages", "rule", "ranks_per_node",
-                "corpus_bytes", "lr", "weight_decay", "value_bits", "flex_base", "exchange",
-                "sharded", "workers_per_device", "micro_batches", "backend")
+# Arguments that must match between a checkpoint and the run that resumes it: everything
+# the training math depends on. Output, logging, evaluation and checkpoint options may change.
+_RESUME_KEYS = ("method", "model", "n_layer", "n_head", "n_embd", "block_size", "dropout",
+                "data", "vocab_size", "corpus_bytes", "batch_size", "accumulation_steps",
+                "seed", "steps", "lr", "weight_decay", "beta1", "beta2", "grad_clip",
+                "backend", "density", "teams", "topk", "chunk", "compression_decay",
+                "value_bits", "no_sign", "flex_base", "sync_interval", "sync_seconds",
+                "step_weighting", "warmup_steps", "outer_lr", "outer_momentum", "outer_clip",
+                "exchange", "exchange_bits", "ranks_per_node", "stages", "rule", "sharded",
+                "workers_per_device", "micro_batches")
 
 
 # --------------------------------------------------------------------------------------
