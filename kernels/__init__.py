@@ -3,7 +3,8 @@
 Public API (flat 1-D float tensors unless stated; see each module's docstring):
 
 * ``topk_magnitude(x, k, exact=True)``, ``topk_blocks(x, block_size, k, exact=True)``
-  -> ``(values, indices)``  (``topk``)
+  -> ``(values, indices)``; ``above_threshold(rows, thresholds)`` -> ``(values, indices)``
+  of the entries at or above a per-row threshold  (``topk``)
 * ``topk_error_feedback(grad, residual, k, exact=True, block_size=None)``  (``error_feedback``)
 * ``pack_sparse``, ``unpack_sparse``, ``packed_nbytes``, ``scatter_add_``,
   ``scatter_add_packed_``  (``sparse_pack``)
@@ -11,12 +12,13 @@ Public API (flat 1-D float tensors unless stated; see each module's docstring):
 * ``dct_chunks``, ``idct_chunks``, ``dct_chunk_size``, ``dct_basis``  (``dct``)
 
 Each public function dispatches (``dispatch.backend``): Triton for CUDA tensors, the fast
-CPU implementation for CPU tensors (top-k, error feedback, sparse pack, quantize, DCT),
-the torch reference otherwise; ``COMMRT_KERNELS=auto|triton|cpu|torch`` forces one. The
-explicit ``*_triton`` / ``*_cpu`` / ``*_torch`` variants skip the dispatch.
+CPU implementation for CPU tensors (top-k, above_threshold, error feedback, sparse pack,
+quantize, DCT), the torch reference otherwise; ``COMMRT_KERNELS=auto|triton|cpu|torch``
+forces one. The explicit ``*_triton`` / ``*_cpu`` / ``*_torch`` variants skip the dispatch.
 """
 from .dispatch import ENV_VAR, backend, mode, triton_available
-from .topk import (APPROX_EPS, approx_cap, topk_blocks, topk_blocks_cpu, topk_blocks_torch,
+from .topk import (APPROX_EPS, above_threshold, above_threshold_cpu, above_threshold_torch,
+                   approx_cap, topk_blocks, topk_blocks_cpu, topk_blocks_torch,
                    topk_blocks_triton, topk_magnitude, topk_magnitude_cpu, topk_magnitude_torch,
                    topk_magnitude_triton)
 from .error_feedback import (topk_error_feedback, topk_error_feedback_cpu,
@@ -36,7 +38,8 @@ __all__ = [
     "ENV_VAR", "backend", "mode", "triton_available",
     "APPROX_EPS", "approx_cap", "topk_magnitude", "topk_magnitude_cpu", "topk_magnitude_torch",
     "topk_magnitude_triton", "topk_blocks", "topk_blocks_cpu", "topk_blocks_torch",
-    "topk_blocks_triton", "topk_error_feedback", "topk_error_feedback_cpu",
+    "topk_blocks_triton", "above_threshold", "above_threshold_cpu", "above_threshold_torch",
+    "topk_error_feedback", "topk_error_feedback_cpu",
     "topk_error_feedback_torch", "topk_error_feedback_triton",
     "HEADER_BYTES", "index_width", "packed_nbytes", "pack_sparse", "pack_sparse_cpu",
     "pack_sparse_torch", "pack_sparse_triton", "unpack_sparse", "unpack_sparse_cpu",

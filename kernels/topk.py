@@ -9,6 +9,10 @@ reference, see ``dispatch``; ``*_triton``, ``*_cpu`` and ``*_torch`` pick one ex
 ``topk_blocks(x, block_size, k, exact=True) -> (values, indices)``
     The same for every block of ``block_size`` consecutive entries (the last block may be
     shorter); indices are block-local.
+``above_threshold(rows, thresholds) -> (values, indices)``
+    The entries of each row of 2-D ``rows`` with ``|v| >= thresholds[row]`` (row-major
+    flat indices): the fast CPU top-k's candidate pass on its own (fast CPU
+    implementation and torch reference only).
 
 Policies (every implementation, pinned by the tests):
 
@@ -412,7 +416,10 @@ _NP_INT = {torch.float16: np.int16, torch.bfloat16: np.int16, torch.float32: np.
 class _CpuSource:
     """The entries ``v = x`` (or ``x.to(y.dtype) + y``) of flat CPU tensors as raw bits."""
 
-    def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+    def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor],
+                 name: Optional[str] = None) -> None:
+        # `name`: the input's name in the NaN/Inf error (default "x" or "grad + residual").
+        self.name = name or ("grad + residual" if y is not None else "x")
         # Detached: the numpy views below refuse tensors that require grad.
         self.x, self.y = x.detach(), (y.detach() if y is not None else None)
         self.dtype = y.dtype if y is not None else x.dtype
@@ -466,8 +473,7 @@ class _CpuSource:
 
     def check(self, mags: np.ndarray) -> None:
         if mags.size and mags.max() >= self.inf_bits:
-            raise ValueError(("grad + residual" if self.y is not None else "x")
-                             + " contains NaN or Inf")
+            raise ValueError(f"{self.name} contains NaN or Inf")
 
 
 def _cpu_segments(base: int, rows: np.ndarray, row_len: int,
@@ -792,3 +798,64 @@ def topk_blocks_cpu(x: torch.Tensor, block_size: int, k: int, exact: bool = True
 def topk_blocks_triton(x: torch.Tensor, block_size: int, k: int, exact: bool = True):
     """The Triton implementation of :func:`topk_blocks`."""
     return _blocks(x, block_size, k, exact, "triton")
+
+
+# ----------------------------------------------------------------------------------------
+# The candidate pass on its own: entries at or above a per-row threshold
+# ----------------------------------------------------------------------------------------
+def _above(rows: torch.Tensor, thresholds: torch.Tensor, impl: Optional[str]):
+    check_float(rows, "rows")
+    check_float(thresholds, "thresholds")
+    if rows.dim() != 2:
+        raise ValueError(f"rows must be 2-D (rows, columns), got shape {tuple(rows.shape)}")
+    s, c = rows.shape
+    if thresholds.shape != (s,) or thresholds.dtype != rows.dtype:
+        raise ValueError(f"thresholds must be 1-D of length {s} and dtype {rows.dtype}, got "
+                         f"shape {tuple(thresholds.shape)} and dtype {thresholds.dtype}")
+    check_finite(thresholds, "thresholds")
+    if impl is None:
+        # No Triton kernel: on CUDA the reference's compare and nonzero are already fast.
+        impl = "cpu" if backend(rows, thresholds) == "cpu" else "torch"
+    if rows.numel() == 0:
+        return rows.new_empty(0), torch.zeros(0, dtype=torch.int64, device=rows.device)
+    if impl == "torch":
+        check_finite(rows, "rows")
+        flat = rows.reshape(-1)
+        indices = (flat.abs() >= thresholds.repeat_interleave(c)).nonzero().view(-1)
+        return flat[indices], indices
+    require_cpu(rows, thresholds)
+    src = _CpuSource(rows.reshape(-1).contiguous(), None, "rows")
+    thr = thresholds.detach().contiguous().view(_INT_VIEW[rows.dtype]).numpy()
+    pos, bits = _cpu_candidates(src, _cpu_segments(0, np.arange(s), c), c, thr)
+    # NaN and Inf have the largest bit patterns: they are always candidates, so this
+    # check on the candidates alone covers the whole input.
+    src.check(src.magnitudes(bits))
+    return torch.from_numpy(bits).view(rows.dtype), torch.from_numpy(pos)
+
+
+def above_threshold(rows: torch.Tensor, thresholds: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of 2-D ``rows`` (s, c) with ``|v| >= thresholds[row]``: ``(values,
+    indices)``, indices int64 row-major flat positions (``row * c + column``), ascending,
+    and ``values = rows.reshape(-1)[indices]``.
+
+    ``thresholds``: 1-D of length s, the dtype of ``rows``, finite (a negative threshold
+    selects the whole row). ValueError on NaN/Inf in rows or thresholds, a non-float
+    dtype or mismatched shapes. This is the candidate pass of the fast CPU top-k, usable
+    on its own (threshold reuse). Dispatches to the fast CPU implementation for CPU
+    tensors and to the torch reference otherwise (no Triton kernel).
+    """
+    return _above(rows, thresholds, None)
+
+
+def above_threshold_cpu(rows: torch.Tensor, thresholds: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast CPU implementation of :func:`above_threshold` (CPU tensors): one chunked
+    numpy pass comparing the float bit patterns as integers."""
+    return _above(rows, thresholds, "cpu")
+
+
+def above_threshold_torch(rows: torch.Tensor, thresholds: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of :func:`above_threshold` (any device; same contract)."""
+    return _above(rows, thresholds, "torch")

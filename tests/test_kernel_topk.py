@@ -297,3 +297,63 @@ def test_kernel_topk_cpu_nan_inf_anywhere(where, bad):
     for block_size in (64, 4096, 150_000):
         with pytest.raises(ValueError, match="NaN or Inf"):
             K.topk_blocks_cpu(x, block_size, 3)
+
+
+# -- above_threshold: the candidate pass on its own ----------------------------------------
+
+ABOVE = {"cpu": K.above_threshold_cpu, "torch": K.above_threshold_torch,
+         "dispatch": K.above_threshold}
+
+
+def above_reference(rows: torch.Tensor, thresholds: torch.Tensor) -> np.ndarray:
+    """Row-major flat positions of |v| >= thresholds[row], compared in float64 (exact for
+    every float dtype)."""
+    a = np.abs(rows.double().numpy())
+    return np.flatnonzero(a >= thresholds.double().numpy()[:, None])
+
+
+@pytest.mark.parametrize("impl", sorted(ABOVE))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_kernel_above_threshold_matches_float64_reference(impl, dtype, monkeypatch):
+    seed = int(torch.randint(0, 2**31, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    # A small chunk so that long rows split and short rows group within one call.
+    monkeypatch.setattr(topk_mod, "CPU_CHUNK", 4096)
+    for s, c in ((1, 1), (1, 10_000), (3, 5000), (700, 17), (2, 0), (0, 5)):
+        rows = torch.randn(s, c, generator=g, dtype=torch.float64).to(dtype)
+        rows.view(-1)[::7] = 0.0
+        rows.view(-1)[1::11] = -0.0
+        if s and c > 1:
+            thresholds = rows.abs().double().quantile(0.9, dim=1).to(dtype)
+            thresholds[0] = -1.0          # a negative threshold selects the whole row
+            rows[s // 2, 1] = -thresholds[s // 2]   # a magnitude exactly at it counts
+        else:
+            thresholds = torch.zeros(s, dtype=dtype)
+        values, indices = ABOVE[impl](rows, thresholds)
+        expected = above_reference(rows, thresholds)
+        assert indices.dtype == torch.int64 and values.dtype == dtype, f"seed {seed}"
+        np.testing.assert_array_equal(indices.numpy(), expected,
+                                      err_msg=f"seed {seed} s={s} c={c}")
+        assert torch.equal(values, rows.reshape(-1)[indices]), f"seed {seed} s={s} c={c}"
+
+
+@pytest.mark.parametrize("impl", sorted(ABOVE))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_kernel_above_threshold_nan_inf_and_errors(impl, bad):
+    fn = ABOVE[impl]
+    rows = torch.randn(3, 1000, generator=torch.Generator().manual_seed(3))
+    thresholds = torch.full((3,), 2.0)
+    broken = rows.clone()
+    broken[2, 999] = bad
+    with pytest.raises(ValueError, match="rows contains NaN or Inf"):
+        fn(broken, thresholds)
+    with pytest.raises(ValueError, match="thresholds contains NaN or Inf"):
+        fn(rows, torch.tensor([1.0, bad, 1.0]))
+    with pytest.raises(ValueError, match="thresholds must be 1-D of length 3"):
+        fn(rows, thresholds[:2])
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        fn(rows, thresholds.double())
+    with pytest.raises(ValueError, match="rows must be 2-D"):
+        fn(rows.reshape(-1), thresholds)
+    with pytest.raises(ValueError, match="float16, bfloat16"):
+        fn(rows.to(torch.int32), thresholds)

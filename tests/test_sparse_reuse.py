@@ -15,16 +15,14 @@ One launch per world size; each rank prints ``CHECK <name> rank <r> OK|FAIL``:
                 carries the thresholds: a fresh call site loaded from it reuses at once
                 and gives the same result.
 
-Single process: parameter validation, and `above_threshold` (numpy path) against torch.
+Single process: parameter validation.
 """
 import math
-import re
-import time
 
 import pytest
 import torch
 
-from mpi_harness import run_ranks
+from mpi_harness import assert_check, checks_fixture, run_checks
 
 WORLD_SIZES = [1, 2, 3, 4, 5]
 CHECKS = ["equal", "conservation", "bounds", "triggers"]
@@ -198,61 +196,30 @@ def _check_triggers(comm):
 
 
 def _reuse_worker() -> None:
-    from commrt import transports as T
-
-    comm = T.world()
-    failed = []
-    for name in CHECKS:
-        start = time.perf_counter()
-        try:
-            globals()[f"_check_{name}"](comm)
-            status = "OK"
-        except AssertionError as exc:
-            status = f"FAIL {exc}"
-            failed.append(name)
-        if comm.rank == 0:
-            print(f"TIME {name} {time.perf_counter() - start:.1f} s;", flush=True)
-        print(f"CHECK {name} rank {comm.rank} {status};", flush=True)
-    if failed:
-        raise AssertionError(f"rank {comm.rank}: failed {failed}")
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS})
 
 
 # --------------------------------------------------------------------------------------
 # pytest side
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES)
-def launch(request):
-    nprocs = request.param
-    try:
-        out = run_ranks(_reuse_worker, nprocs, timeout=420)
-    except AssertionError as exc:
-        out = str(exc)
-    return nprocs, out
-
-
-def _assert_check(launch, name):
-    nprocs, out = launch
-    ok = set(re.findall(rf"CHECK {name} rank (\d+) OK;", out))
-    failures = re.findall(rf"CHECK {name} rank \d+ FAIL[^;]*", out)
-    assert len(ok) == nprocs, f"{name} on {nprocs} ranks:\n" + "\n".join(failures) + \
-        "\n--- output tail ---\n" + out[-6000:]
+launch = checks_fixture(_reuse_worker, WORLD_SIZES, timeout=420)
 
 
 def test_reuse_equals_no_reuse(launch):
-    _assert_check(launch, "equal")
+    assert_check(launch, "equal")
 
 
 def test_reuse_conservation(launch):
-    _assert_check(launch, "conservation")
+    assert_check(launch, "conservation")
 
 
 def test_reuse_count_bounds(launch):
-    _assert_check(launch, "bounds")
+    assert_check(launch, "bounds")
 
 
 def test_reuse_reestimation_triggers(launch):
-    _assert_check(launch, "triggers")
+    assert_check(launch, "triggers")
 
 
 def test_reuse_parameters_validated():
@@ -264,24 +231,3 @@ def test_reuse_parameters_validated():
     for bad in (0.0, -0.5, float("nan"), "x"):
         with pytest.raises(ValueError, match="reuse_eps"):
             SparseAllreduce(0.1, reuse_steps=2, reuse_eps=bad)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_above_threshold_matches_torch(dtype, monkeypatch):
-    from commrt.collectives import _kernels as KK
-
-    seed = int(torch.randint(0, 2**31, (1,)))
-    g = torch.Generator().manual_seed(seed)
-    for s, c in ((1, 1), (1, 70000), (3, 50000), (4, 17)):
-        rows = torch.randn(s, c, generator=g, dtype=torch.float64).to(dtype)
-        rows.view(-1)[:: 7] = 0.0
-        rows.view(-1)[1:: 11] = -0.0
-        thresholds = rows.abs().quantile(0.9, dim=1).to(dtype) if c > 1 \
-            else torch.zeros(s, dtype=dtype)
-        rows[:, 0] = -thresholds        # a magnitude exactly at the threshold counts
-        expected = (rows.abs() >= thresholds[:, None]).view(-1).nonzero().view(-1)
-        got = KK.above_threshold(rows, thresholds)
-        assert torch.equal(got, expected), f"seed {seed} s={s} c={c}"
-        monkeypatch.setenv("COMMRT_KERNELS", "torch")
-        assert torch.equal(KK.above_threshold(rows, thresholds), expected), f"seed {seed}"
-        monkeypatch.delenv("COMMRT_KERNELS")

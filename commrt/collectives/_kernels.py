@@ -5,7 +5,6 @@ CUDA tensors); only the packed uint8 buffers built here are handed to the transp
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from commrt import kernels as K
@@ -43,38 +42,11 @@ def topk_rows(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values.reshape(b, k), indices.reshape(b, k).to(torch.int64)
 
 
-# The candidate pass of threshold reuse: CPU tensors go through numpy on the float bits
-# (torch's CPU compare + nonzero take several times longer), in cache-sized chunks.
-_THRESHOLD_CHUNK = 1 << 16
-_BITS = {torch.float32: (torch.int32, 0x7FFFFFFF),
-         torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
-
-
-def above_threshold(rows: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Row-major flat positions (int64, ascending) of the entries of contiguous (s, c)
-    `rows` whose magnitude is >= thresholds[row] (non-negative, the rows' dtype). NaN
-    entries count as above (the caller's top-k then raises on them)."""
-    s, c = rows.shape
-    if rows.dtype not in _BITS or K.backend(rows) != "cpu":
-        mask = torch.abs(rows) >= thresholds.unsqueeze(1)
-        return mask.view(-1).nonzero().view(-1)
-    # For non-negative floats the bit patterns order like the values: |v| >= t is
-    # (bits(v) & ~sign) >= bits(t), one integer compare per entry.
-    itype, magnitude = _BITS[rows.dtype]
-    bits = rows.reshape(-1).view(itype).numpy()
-    thr = thresholds.view(itype).numpy()
-    chunk = min(_THRESHOLD_CHUNK, c)
-    mags = np.empty(chunk, dtype=bits.dtype)
-    hits = np.empty(chunk, dtype=np.bool_)
-    parts = []
-    for r in range(s):
-        for start in range(r * c, (r + 1) * c, chunk):
-            end = min(start + chunk, (r + 1) * c)
-            m, h = mags[:end - start], hits[:end - start]
-            np.bitwise_and(bits[start:end], magnitude, out=m)
-            np.greater_equal(m, thr[r], out=h)
-            parts.append(np.flatnonzero(h) + start)
-    return torch.from_numpy(np.concatenate(parts))
+def above_threshold(rows: torch.Tensor, thresholds: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of (s, c) `rows` with magnitude >= thresholds[row] (the rows' dtype):
+    (values, row-major flat int64 positions, ascending). ValueError on NaN/Inf."""
+    return K.above_threshold(rows, thresholds)
 
 
 def scatter_add_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:

@@ -480,7 +480,7 @@ class SparseAllreduce:
         entry = self._thresholds.get(key)
         if entry is not None and entry[1] < self.reuse_steps and len(entry[0]) == s:
             thr = torch.tensor(entry[0], dtype=rows.dtype, device=rows.device)
-            flat = KK.above_threshold(rows, thr)
+            vals, flat = KK.above_threshold(rows, thr)
             row = flat // c if s > 1 else None
             counts = torch.bincount(row, minlength=s) if s > 1 else \
                 torch.tensor([flat.numel()], device=flat.device)
@@ -489,7 +489,7 @@ class SparseAllreduce:
             if bool(((counts >= k) & (counts <= cap)).all()):
                 entry[1] += 1
                 self._selection[site]["reused"] = True
-                return _top_candidates(rows.reshape(-1)[flat], flat, row, counts, c, k)
+                return _top_candidates(vals, flat, row, counts, c, k)
         else:
             self._selection[site] = {"reused": False, "candidates": None, "k": k, "cap": cap}
         k_est = min(c, max(k, int(k * (1.0 + self.reuse_eps / 2))))
