@@ -163,6 +163,8 @@ RESUME_FAMILIES = {
     "ddp": [["--method", "ddp"],
             ["--method", "spardl", "--density", "0.05"],
             ["--method", "spardl", "--density", "0.05", "--teams", "2"],   # adaptive h
+            # threshold reuse: the kept thresholds and their ages resume with the hook
+            ["--method", "spardl", "--density", "0.05", "--reuse-steps", "3"],
             ["--method", "topka", "--density", "0.05"],
             ["--method", "gtopk", "--density", "0.05"],
             ["--method", "quant8"],

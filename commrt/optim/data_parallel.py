@@ -85,13 +85,16 @@ class DataParallel:
 
     @classmethod
     def sparse(cls, model: nn.Module, *, density: float, algorithm: str = "spardl", teams: int = 1,
-               process_group: Any = None, **kwargs: Any) -> "DataParallel":
+               process_group: Any = None, reuse_steps: int = 1, reuse_eps: float = 1.0,
+               **kwargs: Any) -> "DataParallel":
         """DDP whose buckets are reduced by `commrt.collectives.sparse_allreduce` with error
-        feedback (`algorithm` spardl, topka or gtopk; residuals kept per bucket by the hook)."""
+        feedback (`algorithm` spardl, topka or gtopk; residuals kept per bucket by the hook).
+        reuse_steps / reuse_eps: threshold reuse (`hooks.SparseAllreduceState`; 1 = off)."""
         from commrt import hooks
 
         state = hooks.SparseAllreduceState(density, algorithm=algorithm, teams=teams,
-                                           process_group=process_group)
+                                           process_group=process_group,
+                                           reuse_steps=reuse_steps, reuse_eps=reuse_eps)
         return cls(model, process_group=process_group, comm_hook=hooks.sparse_allreduce_hook,
                    hook_state=state, **kwargs)
 
