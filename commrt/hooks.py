@@ -93,15 +93,24 @@ class SparseAllreduceState:
 
     density in (0, 1]; algorithm "spardl" | "topka" | "gtopk" | "dense"; teams (SparDL)
     dividing the group size; sag "bruck" | "recursive"; process_group None (default
-    group) | torch ProcessGroup | commrt Communicator. SparDL's adaptive h is kept per
-    bucket. The residuals are `residuals.by_bucket[index][0]`.
+    group) | torch ProcessGroup | commrt Communicator. reuse_steps / reuse_eps: threshold
+    reuse (`commrt.collectives.SparseAllreduce`: a bucket's selection thresholds serve up
+    to reuse_steps calls while the candidate counts stay in [k, (1+reuse_eps)·k]; 1 =
+    off; the reduced gradients are the same either way). SparDL's adaptive h and the
+    thresholds are kept per bucket. The residuals are `residuals.by_bucket[index][0]`.
+
+    `state_dict(parameters)` = {"residuals": {param position: residual},
+    "reducer": {"adaptive_h": {bucket: h}, "thresholds": {(bucket, site): {"values",
+    "age"}}}}: everything a resumed run needs to continue exactly.
     """
 
     def __init__(self, density: float, algorithm: str = "spardl", teams: int = 1,
-                 process_group: Any = None, *, sag: str = "bruck") -> None:
+                 process_group: Any = None, *, sag: str = "bruck", reuse_steps: int = 1,
+                 reuse_eps: float = 1.0) -> None:
         self.process_group = process_group
         self.reducer = SparseAllreduce(density, algorithm, teams=teams, sag=sag,
-                                       group=process_group)
+                                       group=process_group, reuse_steps=reuse_steps,
+                                       reuse_eps=reuse_eps)
         self.residuals = _BucketResiduals()
 
     def state_dict(self, parameters: Sequence[torch.Tensor]) -> dict[str, Any]:

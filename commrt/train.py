@@ -129,6 +129,7 @@ def _build_sparse(algorithm: str):
         from commrt.optim.data_parallel import DataParallel
         return DataParallel.sparse(model, density=args.density, algorithm=algorithm,
                                    teams=args.teams, process_group=ctx.process_group,
+                                   reuse_steps=args.reuse_steps, reuse_eps=args.reuse_eps,
                                    **_dp_kwargs(args))
     return build
 
@@ -302,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--density", type=float, default=0.01,
                    help="fraction of gradient entries sent (spardl, topka, gtopk), in (0, 1]")
     g.add_argument("--teams", type=int, default=1, help="SparDL teams; must divide the world size")
+    g.add_argument("--reuse-steps", type=int, default=1,
+                   help="threshold reuse (spardl, topka, gtopk): a bucket's top-k thresholds "
+                        "serve up to N steps while the candidate counts stay in "
+                        "[k, (1+--reuse-eps)k]; same results, fewer full top-k searches; "
+                        "1 turns it off")
+    g.add_argument("--reuse-eps", type=float, default=1.0,
+                   help="threshold reuse tolerance: candidates per row at most (1+eps)k "
+                        "(finite, > 0)")
     g.add_argument("--topk", type=int, default=32, help="DCT coefficients kept per chunk (demo, flexdemo)")
     g.add_argument("--chunk", type=int, default=64, help="DCT chunk size (demo, flexdemo)")
     g.add_argument("--compression-decay", type=float, default=0.999,
@@ -356,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a checkpoint every N steps into OUT/checkpoint (0: never)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint")
+                   help="continue the run in --out from its latest checkpoint; the result is "
+                   "bit-identical to an uninterrupted run except for the timing-driven methods "
+                   "(aedit; acco and dpu without --micro-batches)")
     g.add_argument("--stop-at", type=int,
                    help="stop after this step without finishing, as an interrupted run would "
                    "(for testing --resume)")
@@ -374,12 +385,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Everything that can be checked without communicating; UsageError on the first problem."""
     from commrt.model import PRESETS
     _positive(args, ["steps", "batch_size", "accumulation_steps", "log_interval", "eval_interval",
-                     "eval_iters", "teams", "topk", "chunk", "sync_interval", "stages",
-                     "workers_per_device", "micro_batches",
+                     "eval_iters", "teams", "reuse_steps", "topk", "chunk", "sync_interval",
+                     "stages", "workers_per_device", "micro_batches",
                      "n_layer", "n_head", "n_embd", "block_size", "ranks_per_node", "corpus_bytes",
                      "vocab_size"])
     if not 0.0 < args.density <= 1.0:
         raise UsageError(f"--density must be in (0, 1], got {args.density}")
+    if not (math.isfinite(args.reuse_eps) and args.reuse_eps > 0):
+        raise UsageError(f"--reuse-eps must be > 0 and finite, got {args.reuse_eps}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.grad_clip < 0 or args.weight_decay < 0:
@@ -569,6 +582,12 @@ def write_plot(records: list[dict], path: Path, title: str) -> None:
 
 # --------------------------------------------------------------------------------------
 # Checkpoints: OUT/checkpoint/step-NNNNNNN/rank-NNNNN.pt, then OUT/checkpoint/latest
+#
+# A rank's file holds everything its next steps depend on: the method's state_dict (model,
+# optimizer, error-feedback residuals, the collectives' adaptive state, counters), the
+# sampler's position and the torch/python/numpy RNG states. So a resumed run is bit-identical
+# to an uninterrupted one, except for methods whose steps depend on wall-clock timing (aedit's
+# rounds; acco/dpu accumulating until a round finishes, without --micro-batches).
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -610,12 +629,16 @@ def load_checkpoint(out: Path, rank: int) -> dict:
     return torch.load(step_dir / f"rank-{rank:05d}.pt", map_location="cpu", weights_only=False)
 
 
-# Arguments that must match between a checkpoint and the run that resumes it.
-_RESUME_KEYS = ("method", "model", "n_layer", "n_head", "n_embd", "block_size", "data",
-                "batch_size", "accumulation_steps", "seed", "steps", "density", "teams",
-                "topk", "chunk", "sync_interval", "stages", "rule", "ranks_per_node",
-                "corpus_bytes", "lr", "weight_decay", "value_bits", "flex_base", "exchange",
-                "sharded", "workers_per_device", "micro_batches", "backend")
+# Arguments that must match between a checkpoint and the run that resumes it: everything
+# the training math depends on. Output, logging, evaluation and checkpoint options may change.
+_RESUME_KEYS = ("method", "model", "n_layer", "n_head", "n_embd", "block_size", "dropout",
+                "data", "vocab_size", "corpus_bytes", "batch_size", "accumulation_steps",
+                "seed", "steps", "lr", "weight_decay", "beta1", "beta2", "grad_clip",
+                "backend", "density", "teams", "reuse_steps", "reuse_eps", "topk", "chunk",
+                "compression_decay", "value_bits", "no_sign", "flex_base", "sync_interval",
+                "sync_seconds", "step_weighting", "warmup_steps", "outer_lr", "outer_momentum",
+                "outer_clip", "exchange", "exchange_bits", "ranks_per_node", "stages", "rule",
+                "sharded", "workers_per_device", "micro_batches")
 
 
 # --------------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""Choosing between the Triton kernels and their torch references.
+"""Choosing between the Triton kernels, the fast CPU kernels and the torch references.
 
-Every public kernel of :mod:`commrt.kernels` has two implementations with the same
-signature: a Triton kernel (fast on CUDA tensors) and a torch reference (any device, no
-Triton needed). :func:`use_triton` picks one per call:
+The public kernels of :mod:`commrt.kernels` have up to three implementations with the same
+signature and contract (each module says which): a Triton kernel (fast on CUDA tensors), a
+fast CPU implementation (chunked passes over CPU memory, vectorised with numpy where
+torch's CPU ops are slow, e.g. ``nonzero`` and boolean compares) and a torch reference
+(any device, no Triton needed; simple on purpose: it is the tests' oracle, not a fast
+path). :func:`backend` picks one per call:
 
 ``COMMRT_KERNELS`` (environment variable, read at every call)
     ``auto`` (default): Triton when every tensor is on a CUDA device and Triton is
-    installed, the torch reference otherwise.
+    installed; the fast CPU kernels when every tensor is on the CPU; the torch reference
+    otherwise (mixed or other devices, or CUDA without Triton).
     ``triton``: always Triton. CPU tensors then need ``TRITON_INTERPRET=1`` (Triton's
     interpreter, which is how the tests exercise the kernels on machines without a GPU).
+    ``cpu``: always the fast CPU kernels (RuntimeError for tensors not on the CPU).
     ``torch``: always the torch reference.
 
 Triton is imported guarded: ``import commrt.kernels`` works without it. Kernels are
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Callable
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
@@ -32,7 +39,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
 
 ENV_VAR = "COMMRT_KERNELS"
-MODES = ("auto", "triton", "torch")
+MODES = ("auto", "triton", "cpu", "torch")
+BACKENDS = ("triton", "cpu", "torch")
+"""What :func:`backend` returns: the implementation a call runs."""
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,15 +62,29 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when this call should run the Triton kernel on ``tensors``."""
+def backend(*tensors: torch.Tensor) -> str:
+    """The implementation this call should run on ``tensors``: one of :data:`BACKENDS`."""
     m = mode()
     if m == "torch":
-        return False
-    if m == "auto":
-        return triton is not None and all(t.is_cuda for t in tensors)
-    require_triton(*tensors)
-    return True
+        return "torch"
+    if m == "triton":
+        require_triton(*tensors)
+        return "triton"
+    if m == "cpu":
+        require_cpu(*tensors)
+        return "cpu"
+    if triton is not None and all(t.is_cuda for t in tensors):
+        return "triton"
+    if all(t.device.type == "cpu" for t in tensors):
+        return "cpu"
+    return "torch"
+
+
+def require_cpu(*tensors: torch.Tensor) -> None:
+    """RuntimeError unless every tensor is on the CPU (the fast CPU kernels' requirement)."""
+    if not all(t.device.type == "cpu" for t in tensors):
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(f"the fast CPU kernels need CPU tensors, got {', '.join(devices)}")
 
 
 def require_triton(*tensors: torch.Tensor) -> None:
@@ -71,6 +94,35 @@ def require_triton(*tensors: torch.Tensor) -> None:
     if not all(t.is_cuda for t in tensors) and not interpreter_enabled():
         raise RuntimeError(
             "Triton kernels on CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1")
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+_pool_lock = threading.Lock()
+
+
+def cpu_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(item) for item in items]``, spread over ``torch.get_num_threads()`` threads.
+
+    For the fast CPU kernels' chunked passes: numpy and torch release the GIL inside their
+    loops, so chunks run in parallel; the caller's thread budget (``torch.set_num_threads``)
+    is honoured, and with one thread everything runs inline, in order.
+    """
+    global _pool, _pool_workers
+    items = list(items)
+    workers = torch.get_num_threads()
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with _pool_lock:
+        if _pool is None or _pool_workers != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="commrt-cpu")
+            _pool_workers = workers
+        pool = _pool
+    return list(pool.map(fn, items))
 
 
 class lazy_jit:

@@ -2,11 +2,15 @@
 
 ``topk_error_feedback(grad, residual, k, exact=True, block_size=None) -> (values, indices)``
 
-The Triton path never materialises ``x``: every pass of the top-k search (see ``topk``)
-reads ``grad`` and ``residual`` and adds them on the fly, and the final compaction pass
-writes the selected ``(value, index)`` pairs and the new residual in the same sweep. The
-residual is written only by that last pass, after the NaN/Inf check of the first pass,
-so a ``ValueError`` leaves it untouched.
+Three implementations (see ``dispatch``). The Triton path never materialises ``x``: every
+pass of the top-k search (see ``topk``) reads ``grad`` and ``residual`` and adds them on
+the fly, and the final compaction pass writes the selected ``(value, index)`` pairs and the
+new residual in the same sweep. The residual is written only by that last pass, after the
+NaN/Inf check of the first pass, so a ``ValueError`` leaves it untouched. The fast CPU
+path selects from ``grad`` and ``residual`` read by chunks (``x`` exists a chunk at a time,
+in cache), then adds ``grad`` into the residual in place and zeroes the selected entries:
+two passes over memory, no full-size temporary, the residual written only after the
+NaN/Inf check. The torch reference materialises ``x``.
 
 Invariant (exact, pinned by the tests): after the call,
 ``residual_new + scatter(values at indices) == grad + residual_old`` element for element,
@@ -19,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from .dispatch import check_float, check_k, use_triton
-from .topk import _run_select
+from .dispatch import backend, check_float, check_k
+from .topk import CPU_CHUNK, run_select
 
 
 def _check_pair(grad: torch.Tensor, residual: torch.Tensor) -> None:
@@ -37,7 +41,7 @@ def _check_pair(grad: torch.Tensor, residual: torch.Tensor) -> None:
 
 
 def _error_feedback(grad: torch.Tensor, residual: torch.Tensor, k: int, exact: bool,
-                    block_size: Optional[int], triton: Optional[bool]):
+                    block_size: Optional[int], impl: Optional[str]):
     _check_pair(grad, residual)
     n = residual.numel()
     if block_size is not None:
@@ -50,21 +54,37 @@ def _error_feedback(grad: torch.Tensor, residual: torch.Tensor, k: int, exact: b
     g = grad.reshape(-1).contiguous()
     if n == 0:
         return res[:0].clone(), torch.zeros(0, dtype=torch.int64, device=res.device)
-    if triton is None:
-        triton = use_triton(g, res)
+    if impl is None:
+        impl = backend(g, res)
     row_len = block_size if block_size is not None else n
-    values, indices, counts = _run_select(g, res, row_len, k, exact, block_size is not None,
-                                          triton)
-    if not triton:
+    values, indices, counts = run_select(g, res, row_len, k, exact, block_size is not None,
+                                         impl)
+    if impl == "triton":
+        return values, indices   # the compaction pass already wrote the new residual
+    if impl == "cpu":
+        _add_into(res, g)
+    else:
         # Reference: materialise x, then zero the selected entries.
         res.copy_(g.to(res.dtype) + res)
-        if block_size is not None:
-            rows = torch.repeat_interleave(
-                torch.arange(counts.numel(), device=res.device), counts)
-            res[rows * block_size + indices] = 0
-        else:
-            res[indices] = 0
+    if block_size is not None:
+        rows = torch.repeat_interleave(torch.arange(counts.numel(), device=res.device), counts)
+        res.index_fill_(0, rows * block_size + indices, 0)
+    else:
+        res.index_fill_(0, indices, 0)
     return values, indices
+
+
+def _add_into(res: torch.Tensor, g: torch.Tensor) -> None:
+    """res += g in place, rounding g to res's dtype first (as the reference's x)."""
+    if g.dtype == res.dtype:
+        res.add_(g)
+        return
+    buf = torch.empty(min(CPU_CHUNK, res.numel()), dtype=res.dtype)
+    for start in range(0, res.numel(), CPU_CHUNK):
+        end = min(start + CPU_CHUNK, res.numel())
+        part = buf[:end - start]
+        part.copy_(g[start:end])
+        res[start:end].add_(part)
 
 
 def topk_error_feedback(grad: torch.Tensor, residual: torch.Tensor, k: int,
@@ -84,10 +104,16 @@ def topk_error_feedback(grad: torch.Tensor, residual: torch.Tensor, k: int,
 def topk_error_feedback_torch(grad: torch.Tensor, residual: torch.Tensor, k: int,
                               exact: bool = True, block_size: Optional[int] = None):
     """The torch reference of :func:`topk_error_feedback`."""
-    return _error_feedback(grad, residual, k, exact, block_size, False)
+    return _error_feedback(grad, residual, k, exact, block_size, "torch")
+
+
+def topk_error_feedback_cpu(grad: torch.Tensor, residual: torch.Tensor, k: int,
+                            exact: bool = True, block_size: Optional[int] = None):
+    """The fast CPU implementation of :func:`topk_error_feedback` (CPU tensors)."""
+    return _error_feedback(grad, residual, k, exact, block_size, "cpu")
 
 
 def topk_error_feedback_triton(grad: torch.Tensor, residual: torch.Tensor, k: int,
                                exact: bool = True, block_size: Optional[int] = None):
     """The Triton implementation of :func:`topk_error_feedback` (one fused final pass)."""
-    return _error_feedback(grad, residual, k, exact, block_size, True)
+    return _error_feedback(grad, residual, k, exact, block_size, "triton")

@@ -23,6 +23,17 @@ quantized tensor is ``x + residual`` (computed in float32) and the residual beco
 
 NaN/Inf in the quantized input raise ``ValueError`` (detected per block in the same
 pass; with a residual, the residual then holds unspecified values).
+
+Implementations (``dispatch.backend`` picks one; ``*_triton``, ``*_cpu`` and ``*_torch``
+force one): the Triton kernels (one fused pass), the fast CPU path and the torch
+reference. The fast CPU path walks the tensor in chunks of whole blocks (about
+``CPU_CHUNK`` elements, so that its float32 temporaries stay in cache) and makes one pass
+over memory: read x (and the residual), write the codes (and the residual). Chunks run
+one after the other, each op on ``torch.get_num_threads()`` threads (torch's own intra-op
+parallelism; spreading chunks over threads as well would oversubscribe). Its codes and
+dequantized values are bit-identical to the reference's (the same float32 operations);
+the 1-bit scales may differ from the reference's in the last bits (a sum in another
+order), and so may 1-bit residuals.
 """
 from __future__ import annotations
 
@@ -31,9 +42,13 @@ from typing import Optional
 
 import torch
 
-from .dispatch import check_float, lazy_jit, require_triton, tl, use_triton
+from .dispatch import backend, check_float, lazy_jit, require_cpu, require_triton, tl
 
 _QMAX = {8: 127, 4: 7}
+
+CPU_CHUNK = 1 << 18
+"""Elements per chunk of the fast CPU path (rounded to whole blocks): 1 MiB float32
+temporaries, small enough for L2/L3, large enough that per-op overhead stays small."""
 
 
 @dataclass
@@ -214,10 +229,168 @@ def _dequantize_torch(q: QuantizedTensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
+# Fast CPU path: chunks of whole blocks, each a handful of vectorised torch ops on
+# cache-resident float32 temporaries
+# ----------------------------------------------------------------------------------------
+# torch's int64 arithmetic wraps (two's complement), which the bit tricks below rely on.
+# Packing eight 0/1 bytes (one little-endian int64) into one byte: the product moves byte j
+# (bit 8j) to bit 56 + j, and no two partial products share a bit, so nothing carries.
+_GATHER_BITS = 0x0102040810204080
+# Unpacking: a byte replicated into all eight bytes (b * 0x01..01), masked so that byte j
+# keeps bit j; + 0x7F sets bit 7 of a byte exactly when it is non-zero (no carries, bytes
+# are <= 0x80), then >> 7 & 0x01..01 leaves 0/1 bytes (a valid bool view).
+_ONES = 0x0101010101010101
+_BIT_J_OF_BYTE_J = 0x8040201008040201 - (1 << 64)   # as a signed int64
+_SEVEN_F = 0x7F7F7F7F7F7F7F7F
+
+
+def _cpu_spans(n: int, block_size: int) -> list[tuple[int, int]]:
+    step = max(1, CPU_CHUNK // block_size) * block_size
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _as_f32(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """src (a chunk) in float32: itself, or rounded into buf (as ``.to(torch.float32)``)."""
+    if src.dtype == torch.float32:
+        return src
+    out = buf[:src.numel()]
+    out.copy_(src)
+    return out
+
+
+def _quantize_cpu(flat: torch.Tensor, res: Optional[torch.Tensor], bits: int,
+                  block_size: int):
+    require_cpu(flat) if res is None else require_cpu(flat, res)
+    n, bs = flat.numel(), block_size
+    data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
+    scales = torch.empty(-(-n // bs), dtype=torch.float32)
+
+    def run(span: tuple[int, int]) -> None:
+        s, e = span
+        m = e - s
+        mb = -(-m // bs)
+        mp = mb * bs
+        t = torch.empty(mp, dtype=torch.float32)
+        # v = x (+ residual) in float32, as the reference: each rounded to float32, then
+        # added; only read below, so a float32 x without residual is used in place.
+        if res is None and m == mp and flat.dtype == torch.float32:
+            v = flat[s:e]
+        else:
+            v = torch.empty(mp, dtype=torch.float32)
+            xs = _as_f32(flat[s:e], v)
+            if res is not None:
+                torch.add(xs, _as_f32(res[s:e], t), out=v[:m])
+            elif xs.data_ptr() != v.data_ptr():
+                v[:m].copy_(xs)
+            v[m:].zero_()                  # a short last block, padded as the reference
+        vb, tb = v.view(mb, bs), t.view(mb, bs)
+        torch.abs(v, out=t)
+        absmax = tb.amax(1)                # NaN propagates: the NaN/Inf check reads scales
+        if bits == 1:
+            safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+            torch.div(vb, safe[:, None], out=tb)
+            count = torch.full((mb,), float(bs))
+            count[-1] = m - (mb - 1) * bs
+            scale = absmax * torch.sqrt(t.mul_(t).view(mb, bs).sum(1) / count)
+            pos = torch.ge(v, 0)
+            pos[m:] = False                # bits past numel are 0, as the reference
+            packed = pos.view(torch.uint8).view(torch.int64) * _GATHER_BITS
+            data[s // 8:s // 8 + -(-m // 8)] = (packed >> 56)[:-(-m // 8)].to(torch.uint8)
+            if res is not None:
+                # x_hat = (2 bit - 1) * scale: int8 * float32 multiplies vectorise where a
+                # broadcast torch.where does not
+                sign = pos.view(torch.int8).mul(2).sub_(1)
+                torch.mul(sign.view(mb, bs), scale[:, None], out=tb)
+        else:
+            qmax = _QMAX[bits]
+            scale = absmax / qmax
+            inv = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
+            torch.mul(vb, inv[:, None], out=tb)
+            # Round half away from zero: w + copysign(0.5, w) (the sign bit of w over the
+            # bits of 0.5), truncated by the int8 conversion. Float addition is symmetric
+            # in sign, so this is sign(w) * floor(|w| + 0.5) bit for bit.
+            half = torch.bitwise_and(t.view(torch.int32), -0x80000000)
+            t.add_(half.bitwise_or_(0x3F000000).view(torch.float32))
+            codes = torch.empty(mp, dtype=torch.int8)
+            codes.copy_(t)
+            if bits == 8:
+                data[s:e].view(torch.int8).copy_(codes[:m])
+            else:
+                # nibbles c + 8: byte = (c_even + 8) + 16 (c_odd + 8) = c_even + 16 c_odd + 136
+                # (mod 256); c_even + 16 c_odd is within int8, + 136 wraps in uint8.
+                pair = torch.add(codes[0::2], codes[1::2], alpha=16).view(torch.uint8)
+                data[s // 2:s // 2 + -(-m // 2)] = pair[:-(-m // 2)].add_(136)
+            if res is not None:
+                t.copy_(codes)
+                tb.mul_(scale[:, None])
+        scales[s // bs:s // bs + mb] = scale
+        if res is not None:
+            if res.dtype == torch.float32:
+                torch.sub(v[:m], t[:m], out=res[s:e])
+            else:
+                res[s:e].copy_(torch.sub(v[:m], t[:m], out=t[:m]))
+
+    for span in _cpu_spans(n, bs):
+        run(span)
+    if bits == 4 and n % 2:
+        data[-1] &= 0x0F                   # the high nibble past numel is 0, as the reference
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError("quantize input" + (" + residual" if res is not None else "")
+                         + " contains NaN or Inf")
+    return data, scales
+
+
+def _dequantize_cpu(q: QuantizedTensor) -> torch.Tensor:
+    require_cpu(q.data, q.scales)
+    n, bits, bs = q.numel, q.bits, q.block_size
+    out = torch.empty(n, dtype=q.dtype)
+    data = q.data.contiguous()
+    scales = q.scales.contiguous()
+
+    def run(span: tuple[int, int]) -> None:
+        s, e = span
+        m = e - s
+        mb = -(-m // bs)
+        mp = mb * bs
+        scale = scales[s // bs:s // bs + mb]
+        direct = q.dtype == torch.float32 and m == mp
+        dst = out[s:e] if direct else torch.empty(mp, dtype=torch.float32)
+        if bits == 1:
+            nbytes = -(-m // 8)
+            spread = torch.zeros(mp // 8, dtype=torch.int64)
+            spread[:nbytes] = data[s // 8:s // 8 + nbytes]
+            spread.mul_(_ONES).bitwise_and_(_BIT_J_OF_BYTE_J).add_(_SEVEN_F)
+            spread.bitwise_right_shift_(7).bitwise_and_(_ONES)
+            sign = spread.view(torch.int8).mul_(2).sub_(1)      # 2 bit - 1, as in quantize
+            torch.mul(sign.view(mb, bs), scale[:, None], out=dst.view(mb, bs))
+        else:
+            if bits == 8 and m == mp:
+                codes = data[s:e].view(torch.int8)
+            elif bits == 8:
+                codes = torch.zeros(mp, dtype=torch.int8)
+                codes[:m] = data[s:e].view(torch.int8)
+            else:
+                nbytes = -(-m // 2)
+                src = data[s // 2:s // 2 + nbytes]
+                nib = torch.zeros(mp, dtype=torch.uint8)
+                torch.bitwise_and(src, 0x0F, out=nib[0:2 * nbytes:2])
+                torch.bitwise_right_shift(src, 4, out=nib[1:2 * nbytes:2])
+                codes = nib.sub_(8).view(torch.int8)      # code - 8, wrapped into int8
+            # int8 * float32 -> float32: the reference's float(code) * scale, exactly
+            torch.mul(codes.view(mb, bs), scale[:, None], out=dst.view(mb, bs))
+        if not direct:
+            out[s:e].copy_(dst[:m])
+
+    for span in _cpu_spans(n, bs):
+        run(span)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------
 def _quantize(x: torch.Tensor, bits: int, block_size: int, residual: Optional[torch.Tensor],
-              triton) -> QuantizedTensor:
+              impl: Optional[str]) -> QuantizedTensor:
     check_float(x, "x")
     _check_params(bits, block_size)
     res = None
@@ -234,9 +407,9 @@ def _quantize(x: torch.Tensor, bits: int, block_size: int, residual: Optional[to
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
     nb = -(-n // block_size)
-    if triton is None:
-        triton = use_triton(flat) if res is None else use_triton(flat, res)
-    if triton and n:
+    if impl is None:
+        impl = backend(flat) if res is None else backend(flat, res)
+    if impl == "triton" and n:
         require_triton(flat)
         data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=x.device)
         scales = torch.empty(nb, dtype=torch.float32, device=x.device)
@@ -246,6 +419,8 @@ def _quantize(x: torch.Tensor, bits: int, block_size: int, residual: Optional[to
         if not bool(torch.isfinite(scales).all()):
             raise ValueError("quantize input" + (" + residual" if res is not None else "")
                              + " contains NaN or Inf")
+    elif impl == "cpu":
+        data, scales = _quantize_cpu(flat, res, bits, block_size)
     else:
         data, scales = _quantize_torch(flat, res, bits, block_size)
     return QuantizedTensor(data, scales, n, bits, block_size, x.dtype)
@@ -257,7 +432,8 @@ def quantize(x: torch.Tensor, bits: int, block_size: int = 256,
 
     See the module docstring for the formats and error bounds. ``residual`` enables error
     feedback (updated in place). ValueError on bad bits/block_size, non-float dtypes,
-    residual shape/device mismatch, NaN/Inf.
+    residual shape/device mismatch, NaN/Inf. Dispatches (``dispatch.backend``) to Triton,
+    the fast CPU path or the torch reference.
     """
     return _quantize(x, bits, block_size, residual, None)
 
@@ -265,26 +441,34 @@ def quantize(x: torch.Tensor, bits: int, block_size: int = 256,
 def quantize_torch(x: torch.Tensor, bits: int, block_size: int = 256,
                    residual: Optional[torch.Tensor] = None) -> QuantizedTensor:
     """The torch reference of :func:`quantize`."""
-    return _quantize(x, bits, block_size, residual, False)
+    return _quantize(x, bits, block_size, residual, "torch")
+
+
+def quantize_cpu(x: torch.Tensor, bits: int, block_size: int = 256,
+                 residual: Optional[torch.Tensor] = None) -> QuantizedTensor:
+    """The fast CPU implementation of :func:`quantize` (CPU tensors; one chunked pass)."""
+    return _quantize(x, bits, block_size, residual, "cpu")
 
 
 def quantize_triton(x: torch.Tensor, bits: int, block_size: int = 256,
                     residual: Optional[torch.Tensor] = None) -> QuantizedTensor:
     """The Triton implementation of :func:`quantize` (one fused pass)."""
-    return _quantize(x, bits, block_size, residual, True)
+    return _quantize(x, bits, block_size, residual, "triton")
 
 
-def _dequantize(q: QuantizedTensor, triton) -> torch.Tensor:
+def _dequantize(q: QuantizedTensor, impl: Optional[str]) -> torch.Tensor:
     if not isinstance(q, QuantizedTensor):
         raise ValueError(f"dequantize takes a QuantizedTensor, got {type(q).__name__}")
     _check_params(q.bits, q.block_size)
     nb = -(-q.numel // q.block_size)
     if q.data.numel() != (q.numel * q.bits + 7) // 8 or q.scales.numel() != nb:
         raise ValueError("QuantizedTensor data/scales sizes do not match numel, bits, block_size")
-    if triton is None:
-        triton = use_triton(q.data, q.scales)
-    if not triton or q.numel == 0:
+    if impl is None:
+        impl = backend(q.data, q.scales)
+    if q.numel == 0 or impl == "torch":
         return _dequantize_torch(q)
+    if impl == "cpu":
+        return _dequantize_cpu(q)
     require_triton(q.data)
     out = torch.empty(q.numel, dtype=q.dtype, device=q.data.device)
     _dequantize_kernel[(nb,)](q.data.contiguous(), q.scales.contiguous(), out, q.numel,
@@ -294,15 +478,21 @@ def _dequantize(q: QuantizedTensor, triton) -> torch.Tensor:
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
-    """Flat tensor of ``q.numel`` elements in ``q.dtype`` decoded from ``q``."""
+    """Flat tensor of ``q.numel`` elements in ``q.dtype`` decoded from ``q`` (dispatched as
+    :func:`quantize`)."""
     return _dequantize(q, None)
 
 
 def dequantize_torch(q: QuantizedTensor) -> torch.Tensor:
     """The torch reference of :func:`dequantize`."""
-    return _dequantize(q, False)
+    return _dequantize(q, "torch")
+
+
+def dequantize_cpu(q: QuantizedTensor) -> torch.Tensor:
+    """The fast CPU implementation of :func:`dequantize` (CPU tensors)."""
+    return _dequantize(q, "cpu")
 
 
 def dequantize_triton(q: QuantizedTensor) -> torch.Tensor:
     """The Triton implementation of :func:`dequantize`."""
-    return _dequantize(q, True)
+    return _dequantize(q, "triton")

@@ -23,14 +23,21 @@ is deterministic). ``scatter_add_packed_(dense, buffers, offsets, block_size)`` 
 received blocks, the i-th at ``dense[offsets[i] + local_index]``.
 
 Pack/unpack and scatter-add move data only: NaN/Inf are carried, not checked.
+
+Three implementations (see ``dispatch``): Triton, fast CPU and the torch reference. They
+differ only where it pays: the fast CPU pack writes the header and the alignment padding
+and leaves the rest of the buffer to the two copies, where the reference zero-fills the
+whole buffer first. Unpack and scatter-add are single copies / one ``index_add_`` on the
+CPU already, so their CPU variants run the reference's code.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import struct
+from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .dispatch import check_float, lazy_jit, require_triton, tl, use_triton
+from .dispatch import backend, check_float, lazy_jit, require_cpu, require_triton, tl
 
 HEADER_BYTES = 8
 MAGIC = 0xC5
@@ -106,11 +113,11 @@ if tl is not None:
         tl.atomic_add(dense_ptr + i, v.to(dense_ptr.dtype.element_ty), mask=mask)
 
 
-def _convert(src_val, src_idx, dst_val, dst_idx, triton: bool) -> None:
+def _convert(src_val, src_idx, dst_val, dst_idx, impl: str) -> None:
     k = src_val.numel()
     if k == 0:
         return
-    if triton:
+    if impl == "triton":
         require_triton(src_val, dst_val)
         _convert_kernel[(_grid(k),)](src_val, src_idx, dst_val, dst_idx, k,
                                            BLOCK=_PACK_BLOCK)
@@ -127,7 +134,8 @@ def _grid(k: int) -> int:
 # ----------------------------------------------------------------------------------------
 # pack / unpack
 # ----------------------------------------------------------------------------------------
-def _pack(values: torch.Tensor, indices: torch.Tensor, block_size: int, triton) -> torch.Tensor:
+def _pack(values: torch.Tensor, indices: torch.Tensor, block_size: int,
+          impl: Optional[str]) -> torch.Tensor:
     check_float(values, "values")
     if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point \
             or indices.dtype == torch.bool or indices.dtype.is_complex:
@@ -146,13 +154,23 @@ def _pack(values: torch.Tensor, indices: torch.Tensor, block_size: int, triton) 
         lo, hi = torch.aminmax(indices.to(torch.int64))
         if int(lo) < 0 or int(hi) >= block_size:
             raise ValueError(f"indices must lie in [0, {block_size}), got [{int(lo)}, {int(hi)}]")
-    buf = torch.zeros(packed_nbytes(k, values.dtype, block_size), dtype=torch.uint8,
-                      device=values.device)
-    buf[:HEADER_BYTES] = _header(k, values.dtype, block_size).to(buf.device)
+    if impl is None:
+        impl = backend(values, indices)
+    nbytes = packed_nbytes(k, values.dtype, block_size)
+    if impl == "cpu":
+        require_cpu(values, indices)
+        # Every byte is written exactly once: header, values, padding, indices.
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf[:HEADER_BYTES] = torch.frombuffer(bytearray(struct.pack(
+            "<BBBBI", MAGIC, VERSION, _DTYPE_CODES[values.dtype], index_width(block_size), k)),
+            dtype=torch.uint8)
+        pad_start = HEADER_BYTES + k * values.element_size()
+        buf[pad_start: HEADER_BYTES + _align4(k * values.element_size())] = 0
+    else:
+        buf = torch.zeros(nbytes, dtype=torch.uint8, device=values.device)
+        buf[:HEADER_BYTES] = _header(k, values.dtype, block_size).to(buf.device)
     dst_val, dst_idx = _views(buf, k, values.dtype, block_size)
-    if triton is None:
-        triton = use_triton(values, indices)
-    _convert(values.contiguous(), indices.contiguous(), dst_val, dst_idx, triton)
+    _convert(values.contiguous(), indices.contiguous(), dst_val, dst_idx, impl)
     return buf
 
 
@@ -176,7 +194,7 @@ def _read_header(buf: torch.Tensor, dtype: torch.dtype, block_size: int) -> int:
     return k
 
 
-def _unpack(buf: torch.Tensor, dtype: torch.dtype, block_size: int, triton):
+def _unpack(buf: torch.Tensor, dtype: torch.dtype, block_size: int, impl: Optional[str]):
     k = _read_header(buf, dtype, block_size)
     if buf.storage_offset() % 8:
         # A slice of a larger receive buffer: the in-place typed views need alignment.
@@ -184,9 +202,11 @@ def _unpack(buf: torch.Tensor, dtype: torch.dtype, block_size: int, triton):
     src_val, src_idx = _views(buf, k, dtype, block_size)
     values = torch.empty(k, dtype=dtype, device=buf.device)
     indices = torch.empty(k, dtype=torch.int64, device=buf.device)
-    if triton is None:
-        triton = use_triton(buf)
-    _convert(src_val, src_idx, values, indices, triton)
+    if impl is None:
+        impl = backend(buf)
+    if impl == "cpu":
+        require_cpu(buf)
+    _convert(src_val, src_idx, values, indices, impl)
     return values, indices
 
 
@@ -203,13 +223,19 @@ def pack_sparse(values: torch.Tensor, indices: torch.Tensor, block_size: int) ->
 def pack_sparse_torch(values: torch.Tensor, indices: torch.Tensor,
                       block_size: int) -> torch.Tensor:
     """The torch reference of :func:`pack_sparse`."""
-    return _pack(values, indices, block_size, False)
+    return _pack(values, indices, block_size, "torch")
+
+
+def pack_sparse_cpu(values: torch.Tensor, indices: torch.Tensor,
+                    block_size: int) -> torch.Tensor:
+    """The fast CPU implementation of :func:`pack_sparse` (no zero-fill of the buffer)."""
+    return _pack(values, indices, block_size, "cpu")
 
 
 def pack_sparse_triton(values: torch.Tensor, indices: torch.Tensor,
                        block_size: int) -> torch.Tensor:
     """The Triton implementation of :func:`pack_sparse`."""
-    return _pack(values, indices, block_size, True)
+    return _pack(values, indices, block_size, "triton")
 
 
 def unpack_sparse(buf: torch.Tensor, dtype: torch.dtype, block_size: int):
@@ -225,19 +251,24 @@ def unpack_sparse(buf: torch.Tensor, dtype: torch.dtype, block_size: int):
 
 def unpack_sparse_torch(buf: torch.Tensor, dtype: torch.dtype, block_size: int):
     """The torch reference of :func:`unpack_sparse`."""
-    return _unpack(buf, dtype, block_size, False)
+    return _unpack(buf, dtype, block_size, "torch")
+
+
+def unpack_sparse_cpu(buf: torch.Tensor, dtype: torch.dtype, block_size: int):
+    """The CPU variant of :func:`unpack_sparse` (the reference's two copies, CPU only)."""
+    return _unpack(buf, dtype, block_size, "cpu")
 
 
 def unpack_sparse_triton(buf: torch.Tensor, dtype: torch.dtype, block_size: int):
     """The Triton implementation of :func:`unpack_sparse`."""
-    return _unpack(buf, dtype, block_size, True)
+    return _unpack(buf, dtype, block_size, "triton")
 
 
 # ----------------------------------------------------------------------------------------
 # scatter-add
 # ----------------------------------------------------------------------------------------
 def _scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                 triton) -> torch.Tensor:
+                 impl: Optional[str]) -> torch.Tensor:
     check_float(dense, "dense")
     check_float(values, "values")
     if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point \
@@ -259,9 +290,11 @@ def _scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
     lo, hi = torch.aminmax(idx.to(torch.int64))
     if int(lo) < 0 or int(hi) >= flat.numel():
         raise ValueError(f"indices must lie in [0, {flat.numel()}), got [{int(lo)}, {int(hi)}]")
-    if triton is None:
-        triton = use_triton(dense, idx, vals)
-    if triton:
+    if impl is None:
+        impl = backend(dense, idx, vals)
+    if impl == "cpu":
+        require_cpu(dense, idx, vals)
+    if impl == "triton":
         require_triton(flat)
         _scatter_add_kernel[(_grid(k),)](flat, idx, vals, k, BLOCK=_PACK_BLOCK)
     else:
@@ -282,13 +315,19 @@ def scatter_add_(dense: torch.Tensor, indices: torch.Tensor,
 def scatter_add_torch_(dense: torch.Tensor, indices: torch.Tensor,
                        values: torch.Tensor) -> torch.Tensor:
     """The torch reference of :func:`scatter_add_` (``index_add_``, deterministic)."""
-    return _scatter_add(dense, indices, values, False)
+    return _scatter_add(dense, indices, values, "torch")
+
+
+def scatter_add_cpu_(dense: torch.Tensor, indices: torch.Tensor,
+                     values: torch.Tensor) -> torch.Tensor:
+    """The CPU variant of :func:`scatter_add_` (the reference's ``index_add_``, CPU only)."""
+    return _scatter_add(dense, indices, values, "cpu")
 
 
 def scatter_add_triton_(dense: torch.Tensor, indices: torch.Tensor,
                         values: torch.Tensor) -> torch.Tensor:
     """The Triton implementation of :func:`scatter_add_` (atomic adds)."""
-    return _scatter_add(dense, indices, values, True)
+    return _scatter_add(dense, indices, values, "triton")
 
 
 def scatter_add_packed_(dense: torch.Tensor, buffers: Iterable[torch.Tensor],

@@ -2,13 +2,25 @@
 
 Sweeps n (floats per rank), density, world size and algorithm — dense, spardl (1 team),
 spardl2 (2 teams, B-SAG), topka, gtopk, quant8, quant1 — on plain shared memory and on an
-emulated link (DESIGN.md section 6, via perf.netem: a network namespace whose loopback is
+emulated link (via perf.netem: a network namespace whose loopback is
 shaped by tc, always deleted afterwards), and writes under --out:
 
     sparse.json   one record per (link, world_size, n, density, algorithm):
                   time_ms (median over iterations of the slowest rank), wire_bytes
                   (per rank: mean over ranks, from commrt.transports.wire), messages,
-                  speedup (dense time / time, same link, world size and n)
+                  speedup (dense time / time, same link, world size and n), and what the
+                  time is made of:
+                  compute_ms  median over iterations of the largest per-rank time spent
+                              outside transport waits (local kernels, packing, Python;
+                              the collectives' last["compute_s"]);
+                  wait_ms     time_ms - compute_ms: waiting on the link and on ranks;
+                  link_ms     the wire bytes alone on the shaped link: every rank's bytes
+                              over the rate (the flat emulation's loopback is one shared
+                              medium), None on shm; a lower bound for the link's part;
+                  shm_ms      the same point's time_ms on shm (when shm ran too): the
+                              algorithm without the link;
+                  reuse_steps, reused (fraction of top-k sites that reused a threshold
+                  during the timed iterations; None where nothing is selected)
     sparse.md     the table
     sparse.png    speedup over dense versus density, one panel per (link, world size, n)
 
@@ -18,9 +30,15 @@ Usage (the driver launches one MPI job per (link, world size) with --worker)::
         --links shm,1gbit --iters 3 --out perf/results/sparse
 
 Sizes accept K/M suffixes (powers of two: 1M = 2^20). Without root/ip/tc the shaped links
-are reported as unavailable and skipped. The gradient is float32 random normal per rank;
-every algorithm is timed on the same data after --warmup calls (SparDL's adaptive h has
-settled by then); the cross-rank input check runs only on the first call.
+are reported as unavailable and skipped. ``--reuse N`` turns on threshold reuse (every
+sparse algorithm keeps its top-k thresholds for up to N calls; 1, the default, is off);
+since the benchmark feeds the same gradient every iteration with error feedback, the
+candidate counts settle only after about 1/density calls, so pair it with a long
+``--warmup`` (e.g. 100 at density 0.01) and check the ``reused`` column.
+
+The gradient is float32 random normal per rank; every algorithm is timed on the same data
+after --warmup calls (SparDL's adaptive h has settled by then); the cross-rank input check
+runs only on the first call.
 """
 from __future__ import annotations
 
@@ -55,14 +73,14 @@ def format_size(n: int) -> str:
 # worker: runs on every rank of one MPI job
 
 
-def _make_reducer(algorithm: str, density: float, P: int):
+def _make_reducer(algorithm: str, density: float, reuse: int):
     from commrt.collectives import QuantizedAllreduce, SparseAllreduce
 
     if algorithm.startswith("quant"):
         return QuantizedAllreduce(int(algorithm[5:]))
     if algorithm == "spardl2":
-        return SparseAllreduce(density, "spardl", teams=2)
-    return SparseAllreduce(density, algorithm)
+        return SparseAllreduce(density, "spardl", teams=2, reuse_steps=reuse)
+    return SparseAllreduce(density, algorithm, reuse_steps=reuse)
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -82,9 +100,10 @@ def run_worker(args: argparse.Namespace) -> None:
                 continue
             densities = [None] if algorithm in DENSITY_FREE else args.densities
             for density in densities:
-                reducer = _make_reducer(algorithm, density or 1.0, P)
+                reducer = _make_reducer(algorithm, density or 1.0, args.reuse)
                 residual = torch.zeros(n)
-                times, wire, msgs = [], [], []
+                times, compute, wire, msgs = [], [], [], []
+                sites = reused = 0
                 for it in range(args.warmup + args.iters):
                     tensor = grad.clone()
                     comm.barrier()
@@ -95,16 +114,27 @@ def run_worker(args: argparse.Namespace) -> None:
                     delta = T.snapshot_delta(T.wire.snapshot(), before)
                     if it >= args.warmup:
                         times.append(elapsed)
+                        compute.append(reducer.last["compute_s"])
                         wire.append(sum(b for b, _ in delta.values()))
                         msgs.append(sum(m for _, m in delta.values()))
-                # the collective's time is the slowest rank's
+                        selection = reducer.last.get("selection", {}).values()
+                        sites += len(selection)
+                        reused += sum(site["reused"] for site in selection)
+                # the collective's time is the slowest rank's; so is its compute
                 slowest = comm.allgather_object(times)
                 per_iter = [max(ts[i] for ts in slowest) for i in range(len(times))]
+                computes = comm.allgather_object(compute)
+                compute_iter = [max(cs[i] for cs in computes) for i in range(len(times))]
+                counts = comm.allgather_object((sites, reused))
+                sites_all = sum(c[0] for c in counts)
                 wire_all = comm.allgather_object(statistics.mean(wire))
                 msgs_all = comm.allgather_object(max(msgs))
                 records.append({
                     "world_size": P, "n": n, "algorithm": algorithm, "density": density,
                     "time_ms": 1e3 * statistics.median(per_iter),
+                    "compute_ms": 1e3 * statistics.median(compute_iter),
+                    "reuse_steps": args.reuse,
+                    "reused": (sum(c[1] for c in counts) / sites_all) if sites_all else None,
                     "wire_bytes": statistics.mean(wire_all),
                     "wire_bytes_max": max(wire_all), "messages_max": max(msgs_all),
                     "iters": args.iters,
@@ -112,7 +142,8 @@ def run_worker(args: argparse.Namespace) -> None:
                 if comm.rank == 0:
                     r = records[-1]
                     print(f"P={P} n={format_size(n)} {algorithm} density={density} "
-                          f"{r['time_ms']:.1f} ms {r['wire_bytes'] / 1e6:.3f} MB", flush=True)
+                          f"{r['time_ms']:.1f} ms (compute {r['compute_ms']:.1f} ms) "
+                          f"{r['wire_bytes'] / 1e6:.3f} MB", flush=True)
                 del residual
     if comm.rank == 0:
         Path(args.json).write_text(json.dumps(records))
@@ -120,6 +151,19 @@ def run_worker(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------------------
 # driver
+
+
+def add_breakdown(records: list[dict[str, Any]]) -> None:
+    """wait_ms, link_ms and shm_ms of every record (see the module docstring)."""
+    from perf.netem import link_rate_bps
+
+    shm = {(r["world_size"], r["n"], r["algorithm"], r["density"]): r["time_ms"]
+           for r in records if r["link"] == "shm"}
+    for r in records:
+        r["wait_ms"] = r["time_ms"] - r["compute_ms"]
+        rate = link_rate_bps(r["link"])
+        r["link_ms"] = (1e3 * 8 * r["world_size"] * r["wire_bytes"] / rate) if rate else None
+        r["shm_ms"] = shm.get((r["world_size"], r["n"], r["algorithm"], r["density"]))
 
 
 def add_speedups(records: list[dict[str, Any]]) -> None:
@@ -136,18 +180,24 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
 
 def markdown(records: list[dict[str, Any]], header: str) -> str:
     lines = [header, "",
-             "| link | P | n | algorithm | density | time (ms) | wire MB/rank | messages | "
+             "| link | P | n | algorithm | density | time (ms) | compute (ms) | wait (ms) | "
+             "link bytes (ms) | shm (ms) | reused | wire MB/rank | messages | "
              "speedup vs dense | bytes vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {a: i for i, a in enumerate(ALGORITHMS)}
     for r in sorted(records, key=lambda r: (r["link"], r["world_size"], r["n"],
                                             order[r["algorithm"]], r["density"] or 0)):
         sp = f"{r['speedup']:.2f}×" if r.get("speedup") else "-"
         br = f"{r['byte_ratio']:.1f}×" if r.get("byte_ratio") else "-"
         dens = f"{100 * r['density']:g}%" if r["density"] else "-"
+        link = f"{r['link_ms']:.1f}" if r.get("link_ms") is not None else "-"
+        shm = f"{r['shm_ms']:.1f}" if r.get("shm_ms") is not None else "-"
+        reused = f"{100 * r['reused']:.0f}%" if r.get("reused") is not None else "-"
         lines.append(f"| {r['link']} | {r['world_size']} | {format_size(r['n'])} | "
                      f"{r['algorithm']} | {dens} | {r['time_ms']:.1f} | "
-                     f"{r['wire_bytes'] / 1e6:.3f} | {r['messages_max']} | {sp} | {br} |")
+                     f"{r['compute_ms']:.1f} | {r['wait_ms']:.1f} | {link} | {shm} | "
+                     f"{reused} | {r['wire_bytes'] / 1e6:.3f} | {r['messages_max']} | "
+                     f"{sp} | {br} |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +256,7 @@ def run_driver(args: argparse.Namespace) -> int:
         for P in args.world_sizes:
             with tempfile.TemporaryDirectory() as tmp:
                 result = Path(tmp) / "records.json"
-                worker_args = ["--worker", "--json", str(result),
+                worker_args = ["--worker", "--json", str(result), "--reuse", str(args.reuse),
                                "--sizes", ",".join(map(str, args.sizes)),
                                "--densities", ",".join(map(str, args.densities)),
                                "--algorithms", ",".join(args.algorithms),
@@ -234,10 +284,15 @@ def run_driver(args: argparse.Namespace) -> int:
                 print(f"[perf.sparse] {link} P={P}: {time.perf_counter() - started:.0f} s",
                       flush=True)
     add_speedups(records)
+    add_breakdown(records)
     header = (f"# Sparse allreduce benchmark\n\nhost: {os.uname().nodename}, "
               f"{os.cpu_count()} CPUs, no GPU (CPU tensors); iterations {args.iters} "
               f"after {args.warmup} warm-up; time = median over iterations of the slowest "
-              f"rank; wire bytes per rank from commrt.transports.wire."
+              f"rank; wire bytes per rank from commrt.transports.wire; compute = the "
+              f"slowest rank's time outside transport waits, wait = time - compute, link "
+              f"bytes = all ranks' wire bytes over the shared link rate (the bytes' own "
+              f"time), shm = the same point on shm; threshold reuse "
+              f"{'every ' + str(args.reuse) + ' calls' if args.reuse > 1 else 'off'}."
               + (f"\n\nnot run: {'; '.join(skipped)}" if skipped else ""))
     (out / "sparse.json").write_text(json.dumps(records, indent=1))
     (out / "sparse.md").write_text(markdown(records, header))
@@ -261,6 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--links", default="shm,1gbit", help="shm and/or shaped rates (1gbit...)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reuse", type=int, default=1,
+                   help="threshold reuse: the sparse algorithms keep each top-k threshold "
+                        "for up to this many calls (1: off); pair with --warmup >= 1/density")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per MPI job")
     p.add_argument("--out", default="perf/results/sparse")
     p.add_argument("--json", default=None, help="also write the records here")
@@ -276,6 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown algorithms {bad}; choose from {ALGORITHMS}")
     if any(not 0 < d <= 1 for d in args.densities):
         p.error("densities must lie in (0, 1]")
+    if args.reuse < 1:
+        p.error("--reuse must be >= 1 (1: no threshold reuse)")
     return args
 
 

@@ -86,3 +86,63 @@ def run_ranks_status(fn: Callable[..., Any], nprocs: int, *, timeout: float = 18
             f"{fn.__name__} on {nprocs} ranks timed out after {timeout:.0f}s (a hang is a "
             f"failure); output:\n{out[-8000:]}") from None
     return proc.returncode, out
+
+
+# -- one launch, many named checks --------------------------------------------------------
+# A worker that runs several independent checks in one launch reports each of them on its
+# own: every rank prints ``CHECK <name> rank <r> OK;`` or ``... FAIL <message>;``, and one
+# pytest test per check reads its lines from the launch's output.
+
+
+def run_checks(checks: dict[str, Callable[[Any], None]]) -> None:
+    """Worker side: run ``check(comm)`` for each named check on this rank (a failed
+    assertion does not stop the others), print its CHECK line (rank 0 also a TIME line),
+    and raise AssertionError at the end if any failed."""
+    import time
+
+    from commrt import transports as T
+
+    comm = T.world()
+    failed = []
+    for name, check in checks.items():
+        start = time.perf_counter()
+        try:
+            check(comm)
+            status = "OK"
+        except AssertionError as exc:
+            status = f"FAIL {exc}"
+            failed.append(name)
+        if comm.rank == 0:
+            print(f"TIME {name} {time.perf_counter() - start:.1f} s;", flush=True)
+        print(f"CHECK {name} rank {comm.rank} {status};", flush=True)
+    if failed:
+        raise AssertionError(f"rank {comm.rank}: failed {failed}")
+
+
+def checks_fixture(fn: Callable[[], None], world_sizes: list[int], *, timeout: float):
+    """pytest side: a module-scoped fixture, one launch of worker ``fn`` (module level,
+    calling :func:`run_checks`) per world size, giving ``(nprocs, output)`` for
+    :func:`assert_check`; the output is kept even when the job fails (the CHECK lines say
+    which checks did). In the test module: ``launch = checks_fixture(_worker, SIZES, ...)``."""
+    import pytest
+
+    @pytest.fixture(scope="module", params=world_sizes)
+    def launch(request):
+        try:
+            out = run_ranks(fn, request.param, timeout=timeout)
+        except AssertionError as exc:
+            out = str(exc)
+        return request.param, out
+    return launch
+
+
+def assert_check(launch: tuple[int, str], name: str) -> None:
+    """AssertionError unless every rank of ``launch`` printed ``CHECK <name> rank <r> OK``."""
+    import re
+
+    nprocs, out = launch
+    # ranks' lines may interleave in mpirun's output: match the tokens, not whole lines
+    ok = set(re.findall(rf"CHECK {name} rank (\d+) OK;", out))
+    failures = re.findall(rf"CHECK {name} rank \d+ FAIL[^;]*", out)
+    assert len(ok) == nprocs, f"{name} on {nprocs} ranks:\n" + "\n".join(failures) + \
+        "\n--- output tail ---\n" + out[-6000:]

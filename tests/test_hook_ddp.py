@@ -8,7 +8,9 @@ undistributed copy of the same model on this rank's batch.
 - any density / 8-bit: per parameter, Σ_ranks residual_after + P·applied gradient
   == Σ_ranks (local gradient + residual_before) — the residuals the state keeps per bucket
   carry over correctly across steps (and across DDP's bucket rebuild after step 1);
-- the parameters stay identical on every rank.
+- the parameters stay identical on every rank;
+- with threshold reuse (reuse_steps > 1) the same, and the reducer's adaptive state (h,
+  thresholds) round-trips through the hook state's state_dict.
 
 Launches: the `commrt` default group (hooks on it and on a gloo group made with
 new_group) at 3 ranks; gloo as the default group, its TCPStore port agreed over mpi4py,
@@ -79,6 +81,16 @@ def _train_and_check(comm, pg, name, state, hook, exact):
                 f"{name} step {step}: conservation off by {gap.abs().max().item()}"
         res_before = res_after
         opt.step()
+    if getattr(state, "reducer", None) is not None and hasattr(state.reducer, "reuse_steps"):
+        # the adaptive state (h, kept thresholds) round-trips through the state_dict
+        saved = state.state_dict(params)
+        assert set(saved["reducer"]) == {"adaptive_h", "thresholds"}, saved["reducer"]
+        if state.reducer.reuse_steps > 1 and state.reducer.density < 1:
+            assert saved["reducer"]["thresholds"], f"{name}: no thresholds kept"
+        fresh = type(state)(state.reducer.density, state.reducer.algorithm,
+                            state.reducer.teams, pg, reuse_steps=state.reducer.reuse_steps)
+        fresh.load_state_dict(saved, params)
+        assert fresh.reducer.state_dict() == saved["reducer"]
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     everyone = _gather(comm, flat)
     assert torch.equal(everyone.min(0).values, everyone.max(0).values), \
@@ -100,6 +112,10 @@ def _cases(pg, P):
         ("topka", SparseAllreduceState(0.1, "topka", process_group=pg),
          sparse_allreduce_hook, False),
         ("gtopk", SparseAllreduceState(0.1, "gtopk", process_group=pg),
+         sparse_allreduce_hook, False),
+        ("spardl reuse", SparseAllreduceState(0.1, "spardl", teams, pg, reuse_steps=3),
+         sparse_allreduce_hook, False),
+        ("topka reuse", SparseAllreduceState(0.1, "topka", process_group=pg, reuse_steps=3),
          sparse_allreduce_hook, False),
         ("dense", SparseAllreduceState(0.1, "dense", process_group=pg),
          sparse_allreduce_hook, True),

@@ -1,5 +1,6 @@
 """Chunked orthonormal DCT-II (commrt.kernels.dct): chunk sizes, basis against the naive
-float64 sum, 1-D and 2-D round trips, energy preservation, shapes, bad input."""
+float64 sum, 1-D and 2-D round trips, energy preservation, shapes, bad input, and the fast
+CPU form against the torch reference."""
 import math
 
 import numpy as np
@@ -90,3 +91,47 @@ def test_kernel_dct_half_precision_and_errors():
         K.idct_chunks(torch.zeros(2, 8), 4)
     with pytest.raises(ValueError, match="chunk"):
         K.dct_chunks(torch.zeros(8), 0)
+
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape,chunk", [((4096,), 64), ((97,), 64), ((0,), 64), ((3,), 2),
+                                         ((12, 20), 8), ((7, 9), (4, 3)), ((128, 192), 64),
+                                         ((50, 320), 64), ((1, 1), 64), ((0, 5), 4),
+                                         ((64, 1), 16)])
+def test_kernel_dct_cpu_matches_reference(dtype, shape, chunk):
+    seed = int(torch.randint(0, 2 ** 31, ()).item())
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    tol = TOL[dtype]
+    fast, ref = K.dct_chunks_cpu(x, chunk), K.dct_chunks_torch(x, chunk)
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype == dtype
+    torch.testing.assert_close(fast, ref, rtol=tol, atol=tol, msg=lambda m: f"{m} (seed {seed})")
+    back, back_ref = K.idct_chunks_cpu(ref, chunk), K.idct_chunks_torch(ref, chunk)
+    assert back.shape == back_ref.shape == x.shape and back.dtype == dtype
+    torch.testing.assert_close(back, back_ref, rtol=tol, atol=tol,
+                               msg=lambda m: f"{m} (seed {seed})")
+    if dtype == torch.float64 and x.numel():
+        torch.testing.assert_close(back, x, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_dct_cpu_layouts_and_dispatch(monkeypatch):
+    seed = int(torch.randint(0, 2 ** 31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(96, 40, generator=gen, dtype=torch.float64).t()   # non-contiguous (40, 96)
+    ref = K.dct_chunks_torch(m, (8, 32))
+    torch.testing.assert_close(K.dct_chunks_cpu(m, (8, 32)), ref, rtol=1e-12, atol=1e-12)
+    coeffs = torch.randn(6, 5, 4, 3, generator=gen, dtype=torch.float64).transpose(0, 1)
+    torch.testing.assert_close(K.idct_chunks_cpu(coeffs), K.idct_chunks_torch(coeffs),
+                               rtol=1e-12, atol=1e-12, msg=lambda m: f"{m} (seed {seed})")
+    v = torch.randn(1280, generator=gen)[::2]                          # a strided 1-D source
+    torch.testing.assert_close(K.dct_chunks_cpu(v, 16), K.dct_chunks_torch(v, 16))
+    # auto dispatch on CPU tensors is the fast form; torch mode is the reference.
+    x = torch.randn(64, 64, generator=gen)
+    monkeypatch.setenv("COMMRT_KERNELS", "auto")
+    assert torch.equal(K.dct_chunks(x, 16), K.dct_chunks_cpu(x, 16))
+    monkeypatch.setenv("COMMRT_KERNELS", "torch")
+    assert torch.equal(K.dct_chunks(x, 16), K.dct_chunks_torch(x, 16))
+    assert torch.equal(K.idct_chunks(K.dct_chunks_torch(x, 16)),
+                       K.idct_chunks_torch(K.dct_chunks_torch(x, 16)))

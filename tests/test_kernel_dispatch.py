@@ -1,5 +1,6 @@
-"""Kernel dispatch (commrt.kernels.dispatch): COMMRT_KERNELS=auto|torch|triton, CPU default,
-the interpreter requirement, and that the public functions route accordingly."""
+"""Kernel dispatch (commrt.kernels.dispatch): COMMRT_KERNELS=auto|triton|cpu|torch, the fast
+CPU path by default for CPU tensors, the interpreter requirement, and that the public
+functions route accordingly."""
 import subprocess
 import sys
 
@@ -7,26 +8,92 @@ import pytest
 import torch
 
 import commrt.kernels as K
-from commrt.kernels import dispatch, topk
+from commrt.kernels import dispatch, sparse_pack, topk
 
 
 def test_kernel_dispatch_modes(monkeypatch):
     x = torch.zeros(4)
     monkeypatch.delenv("COMMRT_KERNELS", raising=False)
-    assert K.mode() == "auto" and not K.use_triton(x)           # CPU tensors: reference
+    assert K.mode() == "auto" and K.backend(x) == "cpu"         # CPU tensors: fast CPU
     monkeypatch.setenv("COMMRT_KERNELS", "torch")
-    assert not K.use_triton(x)
+    assert K.backend(x) == "torch"
     monkeypatch.setenv("COMMRT_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert K.use_triton(x)
+    assert K.backend(x) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        K.use_triton(x)
+        K.backend(x)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         K.topk_magnitude_triton(torch.randn(10), 2)     # the explicit variant checks too
     monkeypatch.setenv("COMMRT_KERNELS", "fast")
     with pytest.raises(ValueError, match="COMMRT_KERNELS"):
-        K.use_triton(x)
+        K.backend(x)
+
+
+def test_kernel_dispatch_backend(monkeypatch):
+    x = torch.zeros(4)
+    meta = torch.zeros(4, device="meta")
+    monkeypatch.delenv("COMMRT_KERNELS", raising=False)
+    assert K.backend(x) == "cpu" and K.backend(x, x) == "cpu"   # CPU tensors: fast CPU
+    assert K.backend(meta) == "torch" and K.backend(x, meta) == "torch"
+    monkeypatch.setenv("COMMRT_KERNELS", "torch")
+    assert K.backend(x) == "torch"
+    monkeypatch.setenv("COMMRT_KERNELS", " CPU ")
+    assert K.mode() == "cpu" and K.backend(x) == "cpu"
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        K.backend(x, meta)
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        K.topk_magnitude_cpu(meta, 1)
+    monkeypatch.setenv("COMMRT_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert K.backend(x) == "triton"
+
+
+def test_kernel_dispatch_cpu_map_honours_threads():
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert dispatch.cpu_map(lambda i: i * i, range(7)) == [i * i for i in range(7)]
+        assert dispatch.cpu_map(abs, []) == []
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode,expect", [(None, "cpu"), ("cpu", "cpu"), ("torch", "torch"),
+                                         ("auto", "cpu")])
+def test_kernel_dispatch_picks_fast_cpu_path(monkeypatch, mode, expect):
+    # Every public top-k / error-feedback / pack / unpack / scatter-add entry point runs
+    # the fast CPU code on CPU tensors in auto mode, the reference when COMMRT_KERNELS=torch.
+    calls = []
+    real_select = topk._select_cpu
+    real_require = sparse_pack.require_cpu
+
+    def spy_select(*args, **kwargs):
+        calls.append("select")
+        return real_select(*args, **kwargs)
+
+    def spy_require(*args, **kwargs):     # the CPU branch of pack, unpack and scatter-add
+        calls.append("sparse")
+        return real_require(*args, **kwargs)
+
+    monkeypatch.setattr(topk, "_select_cpu", spy_select)
+    monkeypatch.setattr(sparse_pack, "require_cpu", spy_require)
+    if mode is None:
+        monkeypatch.delenv("COMMRT_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("COMMRT_KERNELS", mode)
+    x = torch.randn(5000)
+    got = [K.topk_magnitude(x, 50), K.topk_magnitude(x, 50, exact=False),
+           K.topk_blocks(x, 1000, 7), K.topk_error_feedback(x, torch.zeros(5000), 50)]
+    buf = K.pack_sparse(*got[0], 5000)
+    K.unpack_sparse(buf, torch.float32, 5000)
+    K.scatter_add_(torch.zeros(5000), got[0][1], got[0][0])
+    if expect == "cpu":
+        assert calls == ["select"] * 4 + ["sparse"] * 3, calls
+    else:
+        assert calls == [], calls
+    assert torch.equal(got[0][1], K.topk_magnitude_torch(x, 50)[1])
 
 
 def test_kernel_dispatch_routes_public_functions(monkeypatch):

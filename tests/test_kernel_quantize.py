@@ -1,5 +1,7 @@
 """Block quantization (commrt.kernels.quantize): int8/int4/1-bit codes and scales against a
-float64 formula, error bounds, Triton (interpreter) == torch reference, error feedback."""
+float64 formula, error bounds, Triton (interpreter) == torch reference == fast CPU path,
+error feedback."""
+import importlib
 import math
 
 import numpy as np
@@ -101,7 +103,7 @@ def test_kernel_quantize_error_feedback(bits):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # numpy, inside the interpreter
-@pytest.mark.parametrize("fn", [K.quantize_triton, K.quantize_torch])
+@pytest.mark.parametrize("fn", [K.quantize_triton, K.quantize_cpu, K.quantize_torch])
 def test_kernel_quantize_nan_inf_and_wrong_input(fn):
     for bad in (float("nan"), float("inf")):
         x = torch.randn(100)
@@ -122,3 +124,126 @@ def test_kernel_quantize_nan_inf_and_wrong_input(fn):
         fn(x, 8, 32, residual=torch.zeros(100, device="meta"))
     assert K.quantized_nbytes(1000, 4, 256) == 500 + 4 * 4
     assert K.quantized_nbytes(9, 1, 8) == 2 + 8
+
+
+# ----------------------------------------------------------------------------------------
+# The fast CPU path against the torch reference
+# ----------------------------------------------------------------------------------------
+QMOD = importlib.import_module("commrt.kernels.quantize")   # K.quantize is the function
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _assert_same(fast, ref, bits, seed):
+    assert torch.equal(fast.data, ref.data), f"codes differ (seed {seed})"
+    if bits == 1:   # the RMS sum may run in another order
+        torch.testing.assert_close(fast.scales, ref.scales, rtol=1e-6, atol=0,
+                                   msg=lambda m: f"{m} (seed {seed})")
+    else:
+        assert torch.equal(fast.scales, ref.scales), f"scales differ (seed {seed})"
+    assert (fast.numel, fast.bits, fast.block_size, fast.dtype) == \
+        (ref.numel, ref.bits, ref.block_size, ref.dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_quantize_cpu_matches_reference(bits, dtype, monkeypatch):
+    # A small chunk makes the cases below span several chunks with short last blocks.
+    monkeypatch.setattr(QMOD, "CPU_CHUNK", 512)
+    seed = int(torch.randint(0, 2 ** 31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    for n, block_size in [(0, 64), (1, 8), (7, 8), (9, 8), (255, 64), (1000, 256), (2049, 264),
+                          (5003, 128)]:
+        x = (torch.randn(n, generator=gen) * torch.rand(n, generator=gen) * 10).to(dtype)
+        if n > 300:
+            x[64:128] = 0.0                                  # an all-zero block
+        ref = K.quantize_torch(x, bits, block_size)
+        fast = K.quantize_cpu(x, bits, block_size)
+        _assert_same(fast, ref, bits, seed)
+        for q in (ref, fast):
+            out, expect = K.dequantize_cpu(q), K.dequantize_torch(q)
+            assert out.dtype == dtype and torch.equal(out, expect), f"seed {seed}, n {n}"
+
+
+@pytest.mark.parametrize("bits,absmax,step", [(8, 15.875, 1 / 8), (4, 14.0, 2.0)])
+def test_kernel_quantize_cpu_ties(bits, absmax, step):
+    # absmax 15.875 gives inv = 127 / absmax = 8 and 14 gives 7 / 14 = 0.5 exactly in
+    # float32, so x = (j + 1/2) * step lands on w = j + 1/2: round half away from zero.
+    qmax = 127 if bits == 8 else 7
+    j = torch.arange(-qmax, qmax, dtype=torch.float32)      # |j + 1/2| < qmax
+    x = torch.cat([(j + 0.5) * step, torch.tensor([absmax, -absmax / 2])])
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(bits))]
+    fast, ref = K.quantize_cpu(x, bits, 48), K.quantize_torch(x, bits, 48)
+    _assert_same(fast, ref, bits, seed=bits)
+    torch.testing.assert_close(K.dequantize_cpu(fast).double(), formula(x, bits, 48),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 1])
+@pytest.mark.parametrize("res_dtype", DTYPES)
+def test_kernel_quantize_cpu_error_feedback(bits, res_dtype, monkeypatch):
+    monkeypatch.setattr(QMOD, "CPU_CHUNK", 1024)
+    seed = int(torch.randint(0, 2 ** 31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    for n, block_size, x_dtype in [(1, 8, torch.float32), (777, 64, torch.bfloat16),
+                                   (4100, 256, torch.float32), (3001, 136, torch.float64)]:
+        x = torch.randn(n, generator=gen).to(x_dtype)
+        residual = (torch.randn(n, generator=gen) * 0.1).to(res_dtype)
+        r_fast, r_ref = residual.clone(), residual.clone()
+        fast = K.quantize_cpu(x, bits, block_size, residual=r_fast)
+        ref = K.quantize_torch(x, bits, block_size, residual=r_ref)
+        _assert_same(fast, ref, bits, seed)
+        if bits == 1:
+            torch.testing.assert_close(r_fast, r_ref, rtol=0, atol=1e-5,
+                                       msg=lambda m: f"{m} (seed {seed})")
+        else:
+            assert torch.equal(r_fast, r_ref), f"residuals differ (seed {seed}, n {n})"
+        # The invariant against float64: dequantized + new residual == x + old residual
+        # (up to the rounding of 16-bit outputs: dequantize returns x's dtype).
+        x_eff = x.double() + residual.double()
+        wide = (torch.float32, torch.float64)
+        eps = 1e-5 if x_dtype in wide and res_dtype in wide else 2e-2
+        torch.testing.assert_close(K.dequantize_cpu(fast).double() + r_fast.double(), x_eff,
+                                   rtol=eps, atol=eps, msg=lambda m: f"{m} (seed {seed})")
+
+
+def test_kernel_quantize_cpu_layouts_threads_and_dispatch(monkeypatch):
+    monkeypatch.setattr(QMOD, "CPU_CHUNK", 256)
+    seed = int(torch.randint(0, 2 ** 31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(40, 50, generator=gen)
+    x = base.t()                                             # non-contiguous, 2-D
+    assert not x.is_contiguous()
+    threads = torch.get_num_threads()
+    try:
+        for nthreads in (1, 3):                              # chunks spread over threads
+            torch.set_num_threads(nthreads)
+            for bits in (8, 4, 1):
+                _assert_same(K.quantize_cpu(x, bits, 64), K.quantize_torch(x, bits, 64), bits,
+                             seed)
+    finally:
+        torch.set_num_threads(threads)
+    # All 256 byte values decode as the reference (1-bit and int4 unpacking).
+    for bits in (1, 4):
+        per = 8 // bits
+        q = K.QuantizedTensor(torch.arange(256, dtype=torch.uint8), torch.rand(256 * per // 64),
+                              256 * per, bits, 64, torch.float32)
+        assert torch.equal(K.dequantize_cpu(q), K.dequantize_torch(q))
+    # auto mode runs the CPU path on CPU tensors, cpu mode insists on it.
+    monkeypatch.setenv("COMMRT_KERNELS", "auto")
+    assert torch.equal(K.quantize(x, 4, 64).data, K.quantize_cpu(x, 4, 64).data)
+    monkeypatch.setenv("COMMRT_KERNELS", "cpu")
+    with pytest.raises(RuntimeError, match="CPU"):
+        K.quantize(torch.zeros(8, device="meta"), 8, 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 1])
+def test_kernel_quantize_cpu_nan_inf(bits):
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(3000)
+        x[2500] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            K.quantize_cpu(x, bits, 64)
+        residual = torch.zeros(3000)
+        residual[10] = bad
+        with pytest.raises(ValueError, match="residual contains NaN or Inf"):
+            K.quantize_cpu(torch.randn(3000), bits, 64, residual=residual)

@@ -1,5 +1,5 @@
 """Sparse pack/unpack and scatter-add (commrt.kernels.sparse_pack): byte layout, exact round
-trips, Triton (interpreter) == torch reference, packed_nbytes, bad input."""
+trips, Triton (interpreter) == fast CPU == torch reference, packed_nbytes, bad input."""
 import struct
 
 import pytest
@@ -22,6 +22,12 @@ def test_kernel_pack_round_trip(dtype, block_size, k):
     buf_torch = K.pack_sparse_torch(values, indices, block_size)
     buf_triton = K.pack_sparse_triton(values, indices, block_size)
     assert torch.equal(buf_torch, buf_triton)
+    # The CPU pack leaves no byte unwritten: equal even into recycled (dirty) memory.
+    for _ in range(3):
+        junk = torch.full((buf_torch.numel() + 64,), 0xAB, dtype=torch.uint8)
+        del junk
+        assert torch.equal(K.pack_sparse_cpu(values, indices.to(torch.int32), block_size),
+                           buf_torch)
     assert buf_torch.dtype == torch.uint8
     assert buf_torch.numel() == K.packed_nbytes(k, dtype, block_size)
     # Layout as documented: header, values, 4-byte aligned indices.
@@ -38,7 +44,7 @@ def test_kernel_pack_round_trip(dtype, block_size, k):
     # Round trip, also from a longer receive buffer.
     padded = torch.cat([buf_torch, torch.full((13,), 255, dtype=torch.uint8)])
     unaligned = torch.cat([torch.zeros(3, dtype=torch.uint8), buf_torch])[3:]
-    for unpack in (K.unpack_sparse_torch, K.unpack_sparse_triton):
+    for unpack in (K.unpack_sparse_torch, K.unpack_sparse_triton, K.unpack_sparse_cpu):
         for received in (padded, unaligned):
             v, i = unpack(received, dtype, block_size)
             assert i.dtype == torch.int64
@@ -65,7 +71,7 @@ def test_kernel_scatter_add_matches_float64(dense_dtype):
         vals = torch.randn(k, generator=gen).to(dense_dtype)
         expect = base.double().index_add(0, idx, vals.double())
         tol = 1e-2 if dense_dtype == torch.float16 else 1e-5
-        for fn in (K.scatter_add_torch_, K.scatter_add_triton_):
+        for fn in (K.scatter_add_torch_, K.scatter_add_triton_, K.scatter_add_cpu_):
             d = base.clone()
             assert fn(d, idx, vals) is d
             torch.testing.assert_close(d.double(), expect, atol=tol, rtol=tol)
@@ -86,10 +92,21 @@ def test_kernel_scatter_add_packed_blocks():
     torch.testing.assert_close(dense.double(), expect, atol=1e-6, rtol=1e-6)
 
 
+def test_kernel_pack_cpu_non_contiguous_and_2d():
+    gen = torch.Generator().manual_seed(int(torch.seed() % 2**31))
+    values = torch.randn(40, 6, generator=gen)[:, ::2]            # non-contiguous
+    indices = torch.randperm(5000, generator=gen)[:120].view(40, 3)
+    expect = K.pack_sparse_torch(values, indices, 5000)
+    assert torch.equal(K.pack_sparse_cpu(values, indices, 5000), expect)
+    v, i = K.unpack_sparse_cpu(expect, torch.float32, 5000)
+    assert torch.equal(v, values.reshape(-1)) and torch.equal(i, indices.reshape(-1))
+
+
 def test_kernel_pack_wrong_input():
     v, i = torch.randn(3), torch.tensor([0, 5, 9])
-    with pytest.raises(ValueError, match="indices must lie"):
-        K.pack_sparse(v, i, 9)
+    for pack in (K.pack_sparse, K.pack_sparse_cpu, K.pack_sparse_torch):
+        with pytest.raises(ValueError, match="indices must lie"):
+            pack(v, i, 9)
     with pytest.raises(ValueError, match="indices must lie"):
         K.pack_sparse(v, torch.tensor([-1, 0, 1]), 9)
     with pytest.raises(ValueError, match="3 values but 2 indices"):

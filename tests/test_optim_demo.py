@@ -92,11 +92,13 @@ def _demo_worker(seed: int) -> None:
 
     # 2. small top-k: transmitted + remaining == accumulated momentum; the applied update is
     #    the mean of what every rank transmitted; each transmitted chunk has ≤ k coefficients.
-    for value_bits, sign in ((32, False), (8, False), (8, True)):
+    #    Chunk 16 / top-2 takes the sparse inverse for the mean too (2·P·k ≤ cr + cc).
+    for chunk, topk, value_bits, sign in ((4, 3, 32, False), (4, 3, 8, False), (4, 3, 8, True),
+                                          (16, 2, 32, False)):
         params = _params(seed + 1)
-        topk, beta = 3, 0.8
+        beta = 0.8
         opt = DeMo(params, lr=LR, compression_decay=beta, compression_topk=topk,
-                   compression_chunk=4, sign=sign, value_bits=value_bits)
+                   compression_chunk=chunk, sign=sign, value_bits=value_bits)
         vb = {32: 4, 16: 2, 8: 1}[value_bits]
         for step in range(4):
             prev_delta, prev_p = [], []
@@ -109,13 +111,13 @@ def _demo_worker(seed: int) -> None:
             before = T.wire.bytes("demo.all_gather")
             opt.step()
             sent = T.wire.bytes("demo.all_gather") - before
-            assert sent == opt.last_step_wire_bytes == (P - 1) * _expected_payload(4, topk, vb)
+            assert sent == opt.last_step_wire_bytes == (P - 1) * _expected_payload(chunk, topk, vb)
             for i, p in enumerate(params):
                 accumulated = beta * prev_delta[i] + LR * p.grad.double()
                 remaining = opt.state[p]["delta"].double()
                 transmitted = accumulated - remaining
-                coeffs = _chunk_coeffs(transmitted, 4)
-                acc_coeffs = _chunk_coeffs(accumulated, 4)
+                coeffs = _chunk_coeffs(transmitted, chunk)
+                acc_coeffs = _chunk_coeffs(accumulated, chunk)
                 k = min(topk, coeffs.shape[1])
                 scale = acc_coeffs.abs().max().item()
                 nonzero = (coeffs.abs() > 1e-5 * scale).sum(dim=1)
@@ -167,3 +169,26 @@ def test_optim_demo_bad_configuration():
         DeMo(params, lr=0.0)
     with pytest.raises(ValueError, match="12-bit"):
         DeMo(params, lr=0.1, compression_chunk=128, value_bits=8)
+
+
+@pytest.mark.parametrize("cr,cc,m", [(8, 8, 3), (8, 8, 8), (8, 8, 9), (4, 6, 20), (1, 16, 5),
+                                     (64, 64, 32), (64, 64, 200)])
+def test_idct_sparse_chunks_matches_dense_inverse(cr, cc, m):
+    """Sparse chunks (repeated indices add up) against a float64 dense scatter + inverse
+    from the formula; the cases cover the batched-product and the dense forms."""
+    from commrt.optim.demo import idct_sparse_chunks
+
+    seed = cr * 1000 + cc * 10 + m
+    g = torch.Generator().manual_seed(seed)
+    nchunks = 5
+    values = torch.randn(nchunks, m, generator=g)
+    indices = torch.randint(0, cr * cc, (nchunks, m), generator=g)
+    indices[:, -1] = indices[:, 0]  # a repeated index must add up
+    dense = torch.zeros(nchunks, cr * cc, dtype=torch.float64)
+    dense.scatter_add_(1, indices, values.double())
+    ref = torch.einsum("ai,nab,bj->nij", _dct_matrix(cr), dense.view(nchunks, cr, cc),
+                       _dct_matrix(cc))
+    got = idct_sparse_chunks(values, indices, cr, cc)
+    assert got.shape == (nchunks, cr, cc) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5,
+                               msg=lambda msg: f"seed {seed}: {msg}")

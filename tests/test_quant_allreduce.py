@@ -9,13 +9,10 @@ One launch per world size; each rank prints ``CHECK <name> rank <r> OK|FAIL``:
 - wire_bytes:   2(P-1)·(c·bits/8 + 4c/block) per rank, split between all-to-all and
                 all-gather (one message each).
 """
-import re
-import time
-
 import pytest
 import torch
 
-from mpi_harness import run_ranks
+from mpi_harness import assert_check, checks_fixture, run_checks
 
 WORLD_SIZES = [2, 3, 5]
 CHECKS = ["conservation", "convergence", "wire_bytes"]
@@ -105,51 +102,19 @@ def _check_wire_bytes(comm):
 
 
 def _quant_worker() -> None:
-    from commrt import transports as T
-
-    comm = T.world()
-    failed = []
-    for name in CHECKS:
-        start = time.perf_counter()
-        try:
-            globals()[f"_check_{name}"](comm)
-            status = "OK"
-        except AssertionError as exc:
-            status = f"FAIL {exc}"
-            failed.append(name)
-        if comm.rank == 0:
-            print(f"TIME {name} {time.perf_counter() - start:.1f} s;", flush=True)
-        print(f"CHECK {name} rank {comm.rank} {status};", flush=True)
-    if failed:
-        raise AssertionError(f"rank {comm.rank}: failed {failed}")
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS})
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES)
-def launch(request):
-    nprocs = request.param
-    try:
-        out = run_ranks(_quant_worker, nprocs, timeout=300)
-    except AssertionError as exc:
-        out = str(exc)
-    return nprocs, out
-
-
-def _assert_check(launch, name):
-    nprocs, out = launch
-    # ranks' lines may interleave in mpirun's output: match the tokens, not whole lines
-    ok = set(re.findall(rf"CHECK {name} rank (\d+) OK;", out))
-    failures = re.findall(rf"CHECK {name} rank \d+ FAIL[^;]*", out)
-    assert len(ok) == nprocs, f"{name} on {nprocs} ranks:\n" + "\n".join(failures) + \
-        "\n--- output tail ---\n" + out[-6000:]
+launch = checks_fixture(_quant_worker, WORLD_SIZES, timeout=300)
 
 
 def test_quant_conservation(launch):
-    _assert_check(launch, "conservation")
+    assert_check(launch, "conservation")
 
 
 def test_quant_error_feedback_convergence(launch):
-    _assert_check(launch, "convergence")
+    assert_check(launch, "convergence")
 
 
 def test_quant_wire_bytes(launch):
-    _assert_check(launch, "wire_bytes")
+    assert_check(launch, "wire_bytes")

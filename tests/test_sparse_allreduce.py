@@ -17,13 +17,11 @@ concept from those lines:
 - empty:        empty tensors are a no-op and send nothing.
 """
 import math
-import re
-import time
 
 import pytest
 import torch
 
-from mpi_harness import run_ranks
+from mpi_harness import assert_check, checks_fixture, run_checks
 
 WORLD_SIZES = [2, 3, 4, 5, 6, 8]
 CHECKS = ["exact", "conservation", "convergence", "wire_bytes", "bad_input", "empty"]
@@ -291,67 +289,35 @@ def _check_empty(comm):
 
 
 def _sparse_worker() -> None:
-    from commrt import transports as T
-
-    comm = T.world()
-    failed = []
-    for name in CHECKS:
-        start = time.perf_counter()
-        try:
-            globals()[f"_check_{name}"](comm)
-            status = "OK"
-        except AssertionError as exc:
-            status = f"FAIL {exc}"
-            failed.append(name)
-        if comm.rank == 0:
-            print(f"TIME {name} {time.perf_counter() - start:.1f} s;", flush=True)
-        print(f"CHECK {name} rank {comm.rank} {status};", flush=True)
-    if failed:
-        raise AssertionError(f"rank {comm.rank}: failed {failed}")
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS})
 
 
 # --------------------------------------------------------------------------------------
 # pytest side
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES)
-def launch(request):
-    nprocs = request.param
-    try:
-        out = run_ranks(_sparse_worker, nprocs, timeout=420)
-    except AssertionError as exc:
-        out = str(exc)
-    return nprocs, out
-
-
-def _assert_check(launch, name):
-    nprocs, out = launch
-    # ranks' lines may interleave in mpirun's output: match the tokens, not whole lines
-    ok = set(re.findall(rf"CHECK {name} rank (\d+) OK;", out))
-    failures = re.findall(rf"CHECK {name} rank \d+ FAIL[^;]*", out)
-    assert len(ok) == nprocs, f"{name} on {nprocs} ranks:\n" + "\n".join(failures) + \
-        "\n--- output tail ---\n" + out[-6000:]
+launch = checks_fixture(_sparse_worker, WORLD_SIZES, timeout=420)
 
 
 def test_sparse_exact_dense_mean(launch):
-    _assert_check(launch, "exact")
+    assert_check(launch, "exact")
 
 
 def test_sparse_conservation(launch):
-    _assert_check(launch, "conservation")
+    assert_check(launch, "conservation")
 
 
 def test_sparse_error_feedback_convergence(launch):
-    _assert_check(launch, "convergence")
+    assert_check(launch, "convergence")
 
 
 def test_sparse_wire_bytes(launch):
-    _assert_check(launch, "wire_bytes")
+    assert_check(launch, "wire_bytes")
 
 
 def test_sparse_bad_input(launch):
-    _assert_check(launch, "bad_input")
+    assert_check(launch, "bad_input")
 
 
 def test_sparse_empty_noop(launch):
-    _assert_check(launch, "empty")
+    assert_check(launch, "empty")

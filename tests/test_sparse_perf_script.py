@@ -10,7 +10,8 @@ def test_sparse_perf_script_tiny(tmp_path):
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "perf.sparse", "--sizes", "4K", "--world-sizes", "2",
            "--links", "shm", "--algorithms", "dense,spardl,topka,quant8",
-           "--densities", "0.01,0.1", "--iters", "1", "--warmup", "1", "--out", str(out)]
+           "--densities", "0.01,0.1", "--iters", "2", "--warmup", "2", "--reuse", "3",
+           "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=mpi_env(), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -23,6 +24,17 @@ def test_sparse_perf_script_tiny(tmp_path):
     assert by[("spardl", 0.01)]["wire_bytes"] < by[("spardl", 0.1)]["wire_bytes"] \
         < dense["wire_bytes"]
     assert all(r["time_ms"] > 0 and r["speedup"] > 0 for r in records)
+    # what the time is made of: compute (the slowest rank's, outside waits) and the rest
+    for r in records:
+        assert 0 < r["compute_ms"] <= r["time_ms"] + 1e-9, r
+        assert abs(r["wait_ms"] - (r["time_ms"] - r["compute_ms"])) < 1e-9, r
+        assert r["link_ms"] is None and r["shm_ms"] == r["time_ms"], r    # on shm
+        assert r["reuse_steps"] == 3
+        if r["algorithm"] in ("dense", "quant8"):
+            assert r["reused"] is None, r
+        else:
+            assert 0.0 <= r["reused"] <= 1.0, r
     table = (out / "sparse.md").read_text()
+    assert "| compute (ms) | wait (ms) | link bytes (ms) | shm (ms) | reused |" in table
     assert "| shm | 2 | 4K | spardl | 1% |" in table
     assert (out / "sparse.png").stat().st_size > 0

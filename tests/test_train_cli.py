@@ -20,12 +20,13 @@ def short_text(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["unknown-method", "density", "missing-data", "short-data",
-                                  "ranks-per-node", "resume-without-checkpoint"])
+@pytest.mark.parametrize("case", ["unknown-method", "density", "reuse-eps", "missing-data",
+                                  "short-data", "ranks-per-node", "resume-without-checkpoint"])
 def test_train_cli_bad_input_exits_2(case, short_text, tmp_path):
     args, expected = {
         "unknown-method": (["--method", "bogus"], "invalid choice: 'bogus'"),
         "density": (["--method", "spardl", "--density", "1.5"], "--density must be in (0, 1]"),
+        "reuse-eps": (["--method", "topka", "--reuse-eps", "nan"], "--reuse-eps must be > 0"),
         "missing-data": (["--data", str(tmp_path / "nope.txt")], "no such file or directory"),
         "short-data": (["--data", short_text], "too short for one batch"),
         "ranks-per-node": (["--method", "edit", "--ranks-per-node", "3"],
@@ -59,12 +60,42 @@ def test_train_cli_unavailable_method_is_rejected(monkeypatch):
             assert train.METHODS[name].help
 
 
+@pytest.mark.parametrize("method", ["spardl", "topka", "gtopk"])
+def test_train_cli_reuse_flags_reach_the_sparse_hook(method, tmp_path):
+    """--reuse-steps / --reuse-eps parse (defaults: reuse off) and arrive in the hook's
+    SparseAllreduce; --reuse-steps 0 is a usage error. One process, a gloo group of one."""
+    import torch
+    import torch.distributed as dist
+
+    from commrt import train
+
+    parser = train.build_parser()
+    defaults = parser.parse_args(["--method", method])
+    assert (defaults.reuse_steps, defaults.reuse_eps) == (1, 1.0)
+    with pytest.raises(train.UsageError, match="--reuse-steps must be >= 1, got 0"):
+        train.validate_args(parser.parse_args(["--method", method, "--reuse-steps", "0"]), 1)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        ctx = train.Context(comm=None, process_group=dist.group.WORLD, rank=0, world_size=1)
+        for argv, expected in ((["--reuse-steps", "3", "--reuse-eps", "0.25"], (3, 0.25)),
+                               ([], (1, 1.0))):
+            args = parser.parse_args(["--method", method, *argv])
+            train.validate_args(args, 1)
+            built = train.METHODS[method].build(args, torch.nn.Linear(4, 3), ctx)
+            reducer = built.hook_state.reducer
+            assert reducer.algorithm == method
+            assert (reducer.reuse_steps, reducer.reuse_eps) == expected, argv
+    finally:
+        dist.destroy_process_group()
+
+
 def test_train_cli_help_lists_every_method():
     proc = subprocess.run([sys.executable, "-m", "commrt.train", "--help"], capture_output=True,
                           text=True, env=mpi_env(), cwd=str(REPO_ROOT), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for flag in ("--method", "--density", "--teams", "--topk", "--chunk", "--sync-interval",
-                 "--ranks-per-node", "--stages", "--checkpoint-every", "--resume", "--seed",
+    for flag in ("--method", "--density", "--teams", "--reuse-steps", "--reuse-eps", "--topk",
+                 "--chunk", "--sync-interval", "--ranks-per-node", "--stages", "--checkpoint-every", "--resume", "--seed",
                  "--plot", "--out", "--data"):
         assert flag in proc.stdout, flag
     for method in ("ddp", "spardl", "topka", "gtopk", "quant8", "quant1", "demo", "flexdemo",

@@ -2,7 +2,8 @@
 
 Sparse (SparDL and baselines): `sparse_allreduce`, `SparseAllreduce`, `spar_reduce_scatter`,
 `spar_all_gather`; quantized: `quantized_allreduce`, `QuantizedAllreduce`; schedules as
-plain data in `commrt.collectives.schedules`.
+plain data in `commrt.collectives.schedules`; the wait/compute split of a call's time in
+`commrt.collectives.timing`.
 """
 from .schedules import (bruck_allgather_schedule, recursive_doubling_schedule,  # noqa: F401
                         spardl_block_schedule, spardl_round_plan)

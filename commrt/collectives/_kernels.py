@@ -10,6 +10,22 @@ import torch
 from commrt import kernels as K
 
 
+class WorkBuffers:
+    """Work tensors a call site keeps across calls, by (name, numel, dtype, device): a
+    step then allocates only small temporaries (no fresh pages to fault in per step)."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The flat tensor kept under this key (contents left from its last use)."""
+        key = (name, numel, dtype, device)
+        buf = self._tensors.get(key)
+        if buf is None:
+            buf = self._tensors[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf
+
+
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by magnitude of flat x: (values, int64 indices ascending); ties to the
     lower index, so ranks that hold identical data select identically."""
@@ -24,6 +40,13 @@ def topk_rows(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
                                                    device=rows.device)
     values, indices = K.topk_blocks(rows.reshape(-1), c, k, exact=True)
     return values.reshape(b, k), indices.reshape(b, k).to(torch.int64)
+
+
+def above_threshold(rows: torch.Tensor, thresholds: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of (s, c) `rows` with magnitude >= thresholds[row] (the rows' dtype):
+    (values, row-major flat int64 positions, ascending). ValueError on NaN/Inf."""
+    return K.above_threshold(rows, thresholds)
 
 
 def scatter_add_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:

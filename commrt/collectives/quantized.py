@@ -20,6 +20,10 @@ to float rounding (the owner's residual absorbs the phase-2 error of its chunk).
 Wire bytes per rank: 2·(P−1)·q(c) with q(c) = c·bits/8 + 4·c/block (payload + scales):
 (P−1)·q(c) in the all-to-all (kind "quant.all_to_all") and (P−1)/P·P·q(c) in the
 all-gather (kind "quant.all_gather"); messages: one all-to-all and one all-gather.
+
+X is formed in the residual itself when no padding is needed (float32/float64,
+contiguous), else in a work buffer the call site keeps; `last` splits the call's wall time
+into transport waits and the rest (`commrt.collectives.timing`).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 
 from . import _kernels as KK
 from ._common import agree, check_pair, dtype_code, resolve_group, work_dtype
+from . import timing
 
 BITS = (8, 4, 1)
 
@@ -57,6 +62,7 @@ class QuantizedAllreduce:
         self.block_size = block_size
         self.group = group
         self._comm = None
+        self._buffers = KK.WorkBuffers()
         self.last: dict[str, Any] = {}
 
     @property
@@ -85,30 +91,46 @@ class QuantizedAllreduce:
         if n == 0:
             self.last = {"n": 0}
             return tensor
+        since = timing.mark()
         P, rank, bits, block = comm.size, comm.rank, self.bits, self.block_size
         dtype = work_dtype(tensor.dtype)
         c = self.chunk_size(n, P)
-        x = torch.zeros(P * c, dtype=dtype, device=tensor.device)
-        x[:n] = tensor.reshape(-1).to(dtype) + residual.reshape(-1).to(dtype)
+        # X = tensor + residual, padded to P·c, is built in the residual's own memory when
+        # it can hold it (no padding, same dtype): phase 1 then turns it into the new
+        # residual in place. Otherwise in a work buffer kept across calls.
+        in_place = n == P * c and residual.dtype == dtype and residual.is_contiguous()
+        if in_place:
+            x = residual.view(-1).add_(tensor.reshape(-1))
+        else:
+            x = self._buffers.get("x", P * c, dtype, tensor.device)
+            torch.add(tensor.reshape(-1).to(dtype), residual.reshape(-1).to(dtype),
+                      out=x[:n])
+            x[n:].zero_()
         piece = KK.quantized_nbytes(c, bits, block)
 
         # Phase 1: quantize (error kept in the residual), chunk r to rank r.
         send, approx = KK.quantize_rows(x, P, bits, block)
-        new_residual = x - approx.to(dtype)
-        recv = torch.empty_like(send)
-        comm.ialltoall(send.view(-1), recv.view(-1), kind="quant.all_to_all").wait()
+        x.sub_(approx)
+        recv = self._buffers.get("recv", send.numel(), torch.uint8, tensor.device).view(P, -1)
+        timing.wait(comm.ialltoall(send.view(-1), recv.view(-1), kind="quant.all_to_all"))
         # rows in rank order, summed along dim 0: the same order on every rank
         chunk_sum = KK.dequantize_rows(recv, c, bits, block, dtype).sum(0)
 
         # Phase 2: re-quantize the chunk sum; its error stays in the owner's residual.
         payload, approx = KK.quantize_rows(chunk_sum, 1, bits, block)
-        new_residual[rank * c:(rank + 1) * c] += chunk_sum - approx.to(dtype)
-        gathered = torch.empty((P, piece), dtype=torch.uint8, device=tensor.device)
-        comm.iallgather(payload.view(-1), gathered.view(-1), kind="quant.all_gather").wait()
-        total = KK.dequantize_rows(gathered, c, bits, block, dtype).view(-1)
-        residual.copy_(new_residual[:n].view(residual.shape))
-        tensor.copy_((total[:n] / P).view(tensor.shape))
-        self.last = {"n": n, "bits": bits, "chunk": c, "piece_nbytes": piece}
+        x[rank * c:(rank + 1) * c] += chunk_sum.sub_(approx)
+        gathered = self._buffers.get("gathered", P * piece, torch.uint8,
+                                     tensor.device).view(P, -1)
+        timing.wait(comm.iallgather(payload.view(-1), gathered.view(-1), kind="quant.all_gather"))
+        total = KK.dequantize_rows(gathered, c, bits, block, dtype).view(-1)[:n]
+        if not in_place:
+            residual.copy_(x[:n].view(residual.shape))
+        if tensor.dtype == dtype and tensor.is_contiguous():
+            torch.div(total, P, out=tensor.view(-1))
+        else:
+            tensor.copy_((total / P).view(tensor.shape))
+        self.last = {"n": n, "bits": bits, "chunk": c, "piece_nbytes": piece,
+                     **timing.split(since)}
         return tensor
 
 

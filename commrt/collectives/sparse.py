@@ -50,15 +50,25 @@ rank's own top-k; in gtopk, what a merge drops (summed entries outside the merge
 is added to the residual of the lowest rank of the merged group, so the invariant above
 holds exactly for every baseline too.
 
-A per-call-site `SparseAllreduce` object carries the adaptive h; the functional
-`sparse_allreduce` keeps one per residual tensor. Inputs are checked across ranks by one
+A per-call-site `SparseAllreduce` object carries the adaptive h and, with threshold reuse
+(``reuse_steps`` > 1, Ok-Topk's idea), the kept top-k thresholds; the functional
+`sparse_allreduce` keeps one per residual tensor. Threshold reuse replaces most full top-k
+searches by one threshold pass plus a top-k of the (at most (1+reuse_eps)·k) candidates;
+it changes no selection, message, byte or result (`SparseAllreduce`).
+
+Memory: X = tensor + residual is formed in the residual itself (float32/float64,
+contiguous), the result written into the tensor, and SparDL's padded accumulator is a
+work buffer kept by the call site (one per tensor size), so a call allocates only
+k-sized temporaries. `last` also splits the call's wall time into transport waits and the
+rest (`commrt.collectives.timing`). If a NaN/Inf raises ValueError, the residual may
+hold X. Inputs are checked across ranks by one
 small allreduce per call (`COMMRT_VALIDATE=0` skips it): a bad input on any rank raises
 ValueError on every rank instead of hanging the others.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -67,6 +77,7 @@ from ._common import agree, budget, check_pair, dtype_code, float_code, resolve_
     work_dtype
 from .schedules import bruck_allgather_schedule, recursive_doubling_schedule, \
     spardl_round_plan
+from . import timing
 
 ALGORITHMS = ("spardl", "topka", "gtopk", "dense")
 SAG_VARIANTS = ("bruck", "recursive")
@@ -117,8 +128,7 @@ def _exchange(comm, send_buf: torch.Tensor, dest: int, recv_nbytes: int, source:
     recv_buf = torch.empty(recv_nbytes, dtype=torch.uint8, device=send_buf.device)
     rreq = comm.irecv(recv_buf, source, tag, kind=kind)
     sreq = comm.isend(send_buf, dest, tag, kind=kind)
-    rreq.wait()
-    sreq.wait()
+    timing.wait(rreq, sreq)
     return recv_buf
 
 
@@ -132,10 +142,28 @@ class ReduceScatterResult(NamedTuple):
     dropped: torch.Tensor   # (m·c,) what this rank sparsified away (0 on its own block)
 
 
-def _spar_reduce_scatter(comm, lay: TeamLayout, acc: torch.Tensor, dropped: torch.Tensor,
-                         k_block: int, kind: str) -> None:
-    """In place on (m, c) tensors: afterwards acc[member] is the owned accumulated block and
-    dropped holds, for every block this rank sent, the accumulated block minus what it sent."""
+SelectRows = Callable[[torch.Tensor, int, str], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def _exact_rows(rows: torch.Tensor, k: int, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return KK.topk_rows(rows, k)
+
+
+def _runs(first: int, count: int, m: int) -> list[tuple[int, int]]:
+    """Blocks first, first+1, ..., first+count-1 (mod m) as at most two contiguous
+    (start, length) runs, in that order."""
+    first %= m
+    head = min(count, m - first)
+    return [(first, head)] + ([(0, count - head)] if count > head else [])
+
+
+def _spar_reduce_scatter(comm, lay: TeamLayout, acc: torch.Tensor, k_block: int, kind: str,
+                         select: SelectRows = _exact_rows) -> None:
+    """In place on the (m, c) accumulator: afterwards acc[member] is the owned accumulated
+    block and every other row what this rank dropped of that block (its accumulated block
+    minus what it sent). A block is never received after it was sent (the schedule's
+    receive sets shrink to the own block), so zeroing the sent entries in place is exact.
+    `select(rows, k, site)` is the per-row top-k (exact, or with threshold reuse)."""
     m, c = acc.shape
     dtype, device = acc.dtype, acc.device
     flat = acc.view(-1)
@@ -145,19 +173,21 @@ def _spar_reduce_scatter(comm, lay: TeamLayout, acc: torch.Tensor, dropped: torc
                                device=device)
         rreq = comm.irecv(recv_buf, lay.rank_of(lay.team, plan.source),
                           _TAG_REDUCE_SCATTER + rnd, kind=kind)
-        send_rows = torch.tensor(plan.send_blocks, dtype=torch.int64, device=device)
-        rows = acc.index_select(0, send_rows)
-        values, local = KK.topk_rows(rows, k_block)
-        rows.scatter_(1, local, 0)
-        dropped.index_copy_(0, send_rows, rows)
+        values, local = [], []
+        for part, (start, length) in enumerate(_runs(plan.send_blocks[0], s, m)):
+            rows = acc[start:start + length]
+            v, i = select(rows, k_block, f"rs{rnd}.{part}")
+            rows.scatter_(1, i, 0)
+            values.append(v)
+            local.append(i)
+        values = values[0] if len(values) == 1 else torch.cat(values)
+        local = local[0] if len(local) == 1 else torch.cat(local)
         sreq = comm.isend(KK.pack(values, local, c), lay.rank_of(lay.team, plan.dest),
                           _TAG_REDUCE_SCATTER + rnd, kind=kind)
-        rreq.wait()
-        sreq.wait()
+        timing.wait(rreq, sreq)
         r_values, r_local = KK.unpack(recv_buf, dtype, c)
-        recv_rows = torch.tensor(plan.recv_blocks, dtype=torch.int64, device=device)
-        offsets = (recv_rows * c).repeat_interleave(k_block)
-        KK.scatter_add_(flat, r_local + offsets, r_values)
+        offsets = torch.tensor(plan.recv_blocks, dtype=torch.int64, device=device) * c
+        KK.scatter_add_(flat, r_local + offsets.repeat_interleave(k_block), r_values)
 
 
 def spar_reduce_scatter(x: torch.Tensor, density: float, *, teams: int = 1,
@@ -181,10 +211,10 @@ def spar_reduce_scatter(x: torch.Tensor, density: float, *, teams: int = 1,
     acc = torch.zeros(m * c, dtype=work_dtype(x.dtype), device=x.device)
     acc[: x.numel()] = x
     acc = acc.view(m, c)
-    dropped = torch.zeros_like(acc)
-    _spar_reduce_scatter(comm, lay, acc, dropped, budget(density, c),
-                         "spardl.reduce_scatter")
-    return ReduceScatterResult(lay.member, acc[lay.member].clone(), dropped.view(-1))
+    _spar_reduce_scatter(comm, lay, acc, budget(density, c), "spardl.reduce_scatter")
+    block = acc[lay.member].clone()
+    acc[lay.member] = 0
+    return ReduceScatterResult(lay.member, block, acc.view(-1))
 
 
 # --------------------------------------------------------------------------------------
@@ -228,19 +258,17 @@ def _gather_sets(comm, lay: TeamLayout, values: torch.Tensor, local: torch.Tenso
 
 def _union_top(sets: list[tuple[torch.Tensor, torch.Tensor]], c: int, k_block: int
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sum the sets (in the given order) and keep the top-k_block of the union."""
-    values0 = sets[0][0]
-    dense = torch.zeros(c, dtype=values0.dtype, device=values0.device)
-    member = torch.zeros(c, dtype=torch.bool, device=values0.device)
-    for values, local in sets:
-        KK.scatter_add_(dense, local, values)
-        member[local] = True
-    union = member.nonzero().view(-1)
+    """Sum the sets (in the given order) and keep the top-k_block of the union; k-sized
+    work only (the union's positions, ascending, and one scatter-add in set order)."""
+    local = torch.cat([i for _, i in sets])
+    union, inverse = torch.unique(local, sorted=True, return_inverse=True)
+    summed = torch.zeros(union.numel(), dtype=sets[0][0].dtype, device=local.device)
+    KK.scatter_add_(summed, inverse, torch.cat([v for v, _ in sets]))
     size = union.numel()
     if size > k_block:
-        values, pick = KK.topk(dense[union], k_block)
+        values, pick = KK.topk(summed, k_block)
         return values, union[pick], size
-    return dense[union], union, size
+    return summed, union, size
 
 
 def _team_allgather(comm, lay: TeamLayout, values: torch.Tensor, local: torch.Tensor,
@@ -325,18 +353,37 @@ def spar_all_gather(values: torch.Tensor, indices: torch.Tensor, block_size: int
 
 
 class SparseAllreduce:
-    """A sparse allreduce call site: configuration plus SparDL's adaptive h.
+    """A sparse allreduce call site: configuration plus its adaptive state.
 
     ``reducer = SparseAllreduce(0.01, "spardl", teams=2)``; then every step
     ``reducer(tensor, residual)`` (see `sparse_allreduce` for the contract). Keep one object
-    per gradient stream (the DDP hooks keep one per process group, with h per bucket via
-    `key`), so that h adapts to that stream. `last` describes the latest call (sizes,
-    budgets, h, union) for tests and benchmarks.
+    per gradient stream (the DDP hooks keep one per process group, with per-bucket state
+    via `key`), so that the adaptive state follows that stream. `last` describes the
+    latest call (sizes, budgets, h, union, per-site selection) for tests and benchmarks.
+
+    Adaptive state (what `state_dict` returns, for checkpoints): SparDL's SAG budget h per
+    key ("adaptive_h") and, with threshold reuse, the selection thresholds
+    ("thresholds": {(key, site): {"values": [float per row], "age": calls served}}).
+
+    Threshold reuse (Ok-Topk's idea; ``reuse_steps`` > 1): every top-k of the algorithm
+    (per selection site: each Spar-Reduce-Scatter round, the owned block, the flat top-k
+    of topka/gtopk) keeps the magnitude threshold of its last estimate for up to
+    `reuse_steps` calls. A call with a kept threshold t takes the candidates |v| >= t in
+    one pass; if every row's candidate count lies in [k, (1+reuse_eps)·k] the top-k of the
+    candidates is the answer (all entries >= t include the top-k, ties to the lower
+    index as in the full top-k), otherwise, or once the threshold has served
+    `reuse_steps` calls, the threshold is re-estimated: a full top-k' with
+    k' = ⌊(1+reuse_eps/2)·k⌋, t = its smallest magnitude (aiming the next counts at the
+    middle of the band), and the top-k of those k'. So the selection, the messages, the
+    wire bytes and the result are exactly those without reuse; reuse only replaces the
+    full top-k search by a threshold pass on most calls.
     """
 
     def __init__(self, density: float, algorithm: str = "spardl", *, teams: int = 1,
-                 sag: str = "bruck", group: Any = None) -> None:
-        error = _param_error(density, algorithm, teams, sag, None)
+                 sag: str = "bruck", group: Any = None, reuse_steps: int = 1,
+                 reuse_eps: float = 1.0) -> None:
+        error = _param_error(density, algorithm, teams, sag, None) \
+            or _reuse_error(reuse_steps, reuse_eps)
         if error:
             raise ValueError(error)
         self.density = float(density)
@@ -344,8 +391,14 @@ class SparseAllreduce:
         self.teams = teams
         self.sag = sag
         self.group = group
+        self.reuse_steps = int(reuse_steps)
+        self.reuse_eps = float(reuse_eps)
         self._comm = None
         self._h: dict[Any, int] = {}
+        self._thresholds: dict[tuple, list] = {}    # (key, site) -> [thresholds, age]
+        self._buffers = KK.WorkBuffers()
+        self._site_key: Any = None
+        self._selection: dict[str, dict[str, Any]] = {}
         self.last: dict[str, Any] = {}
 
     @property
@@ -359,11 +412,18 @@ class SparseAllreduce:
         return self._h.get(key)
 
     def state_dict(self) -> dict[str, Any]:
-        """The adaptive SAG budgets per call-site key (what a resumed run needs)."""
-        return {"adaptive_h": dict(self._h)}
+        """The adaptive state a resumed run needs: SAG budgets h per call-site key
+        ("adaptive_h") and the kept selection thresholds ("thresholds", see the class
+        docstring); plain Python values."""
+        return {"adaptive_h": dict(self._h),
+                "thresholds": {site: {"values": list(thr), "age": age}
+                               for site, (thr, age) in self._thresholds.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._h = dict(state["adaptive_h"])
+        # checkpoints written before threshold reuse existed have no "thresholds"
+        self._thresholds = {site: [[float(t) for t in entry["values"]], int(entry["age"])]
+                            for site, entry in state.get("thresholds", {}).items()}
 
     def __call__(self, tensor: torch.Tensor, residual: torch.Tensor, *, key: Any = None,
                  validate: bool = True) -> torch.Tensor:
@@ -377,86 +437,139 @@ class SparseAllreduce:
         if n == 0:
             self.last = {"algorithm": self.algorithm, "n": 0}
             return tensor
+        since = timing.mark()
         dtype = work_dtype(tensor.dtype)
-        x = tensor.reshape(-1).to(dtype) + residual.reshape(-1).to(dtype)
-        if self.algorithm == "dense":
-            mean, new_residual = self._dense(comm, x)
-        elif self.algorithm == "topka":
-            mean, new_residual = self._topka(comm, x)
-        elif self.algorithm == "gtopk":
-            mean, new_residual = self._gtopk(comm, x)
+        # X = tensor + residual is built in the residual's own memory when it can hold it:
+        # every algorithm turns X into the new residual by changing few entries.
+        in_place = residual.dtype == dtype and residual.is_contiguous()
+        if in_place:
+            x = residual.view(-1).add_(tensor.reshape(-1))
         else:
-            mean, new_residual = self._spardl(comm, x, key)
-        residual.copy_(new_residual.view(residual.shape))
-        tensor.copy_(mean.view(tensor.shape))
+            x = tensor.reshape(-1).to(dtype) + residual.reshape(-1).to(dtype)
+        direct = tensor.dtype == dtype and tensor.is_contiguous()
+        out = tensor.view(-1) if direct else self._buffers.get("out", n, dtype, x.device)
+        self._site_key, self._selection = key, {}
+        if self.algorithm == "dense":
+            self._dense(comm, x, out)
+        elif self.algorithm == "topka":
+            self._topka(comm, x, out)
+        elif self.algorithm == "gtopk":
+            self._gtopk(comm, x, out)
+        else:
+            self._spardl(comm, x, out, key)
+        if not in_place:
+            residual.copy_(x.view(residual.shape))
+        if not direct:
+            tensor.copy_(out.view(tensor.shape))
+        self.last["selection"] = self._selection
+        self.last.update(timing.split(since))
         return tensor
+
+    # -- selection ------------------------------------------------------------------
+
+    def _select(self, rows: torch.Tensor, k: int, site: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k of every row of (s, c) `rows`: values (s, k), local int64 (s, k)
+        indices ascending; with threshold reuse from the candidates above a kept
+        threshold (class docstring). Records the site's outcome in `last["selection"]`."""
+        s, c = rows.shape
+        if self.reuse_steps <= 1 or s == 0 or k == 0 or k >= c:
+            return KK.topk_rows(rows, k)
+        key = (self._site_key, site)
+        cap = int(k * (1.0 + self.reuse_eps))
+        entry = self._thresholds.get(key)
+        if entry is not None and entry[1] < self.reuse_steps and len(entry[0]) == s:
+            thr = torch.tensor(entry[0], dtype=rows.dtype, device=rows.device)
+            vals, flat = KK.above_threshold(rows, thr)
+            row = flat // c if s > 1 else None
+            counts = torch.bincount(row, minlength=s) if s > 1 else \
+                torch.tensor([flat.numel()], device=flat.device)
+            self._selection[site] = {"reused": False, "candidates": counts.tolist(),
+                                     "k": k, "cap": cap}
+            if bool(((counts >= k) & (counts <= cap)).all()):
+                entry[1] += 1
+                self._selection[site]["reused"] = True
+                return _top_candidates(vals, flat, row, counts, c, k)
+        else:
+            self._selection[site] = {"reused": False, "candidates": None, "k": k, "cap": cap}
+        k_est = min(c, max(k, int(k * (1.0 + self.reuse_eps / 2))))
+        values, local = KK.topk_rows(rows, k_est)
+        self._thresholds[key] = [values.abs().amin(1).tolist(), 1]
+        if k_est == k:
+            return values, local
+        top, pick = KK.topk_rows(values, k)
+        return top, local.gather(1, pick)
 
     # -- SparDL ---------------------------------------------------------------------
 
-    def _spardl(self, comm, x: torch.Tensor, key: Any):
+    def _spardl(self, comm, x: torch.Tensor, out: torch.Tensor, key: Any) -> None:
         lay = TeamLayout(comm.rank, comm.size, self.teams)
         n, m, d = x.numel(), lay.m, lay.teams
         c = -(-n // m)
         k_block = budget(self.density, c)
-        acc = torch.zeros(m * c, dtype=x.dtype, device=x.device)
-        acc[:n] = x
+        acc = self._buffers.get("acc", m * c, x.dtype, x.device)
+        acc[:n].copy_(x)
+        acc[n:].zero_()
         acc = acc.view(m, c)
-        dropped = torch.zeros_like(acc)
-        _spar_reduce_scatter(comm, lay, acc, dropped, k_block, "spardl.reduce_scatter")
-        own = acc[lay.member]
+        _spar_reduce_scatter(comm, lay, acc, k_block, "spardl.reduce_scatter", self._select)
+        own = acc[lay.member: lay.member + 1]
         h = None
         if d == 1:
-            values, local = KK.topk(own, k_block)
+            values, local = self._select(own, k_block, "own")
         else:
             h = min(self._h.get(key, k_block), c)
-            values, local = KK.topk(own, h)
-        kept = own.clone()
-        kept[local] = 0
-        dropped[lay.member] = kept
+            values, local = self._select(own, h, "own")
+        own.scatter_(1, local, 0)      # acc now holds, in every row, what this rank dropped
         result = spar_all_gather(values, local, c, k_block, teams=d, sag=self.sag,
                                  group=comm)
         if d > 1:
             # Aim the next union at k_block, assuming it scales with h.
             self._h[key] = max(1, min(k_block, -(-h * k_block // max(result.union_size, 1))))
-        total = torch.zeros(m * c, dtype=x.dtype, device=x.device)
-        total[result.indices] = result.values
-        selected = torch.zeros(m * c, dtype=torch.bool, device=x.device)
-        selected[result.indices] = True
-        new_residual = torch.where(selected[:n], dropped.view(-1)[:n], x)
+        # Inside the final index set this rank keeps what it dropped; elsewhere its own X
+        # (x already holds X there). Indices past n are padding (zero sums) and dropped.
+        idx, vals = result.indices, result.values
+        if idx.numel() and int(idx.max()) >= n:
+            keep = idx < n
+            idx, vals = idx[keep], vals[keep]
+        x[idx] = acc.view(-1)[idx]
+        out.zero_()
+        out[idx] = vals / comm.size
         self.last = {"algorithm": "spardl", "n": n, "m": m, "teams": d, "c": c,
                      "k_block": k_block, "h": h, "union": result.union_size,
                      "selected": int(result.indices.numel())}
-        return total[:n] / comm.size, new_residual
 
     # -- baselines ------------------------------------------------------------------
 
-    def _dense(self, comm, x: torch.Tensor):
-        comm.iallreduce(x, "sum", kind="dense.all_reduce").wait()
+    def _dense(self, comm, x: torch.Tensor, out: torch.Tensor) -> None:
+        timing.wait(comm.iallreduce(x, "sum", kind="dense.all_reduce"))
+        torch.div(x, comm.size, out=out)
+        x.zero_()
         self.last = {"algorithm": "dense", "n": x.numel()}
-        return x / comm.size, torch.zeros_like(x)
 
-    def _topka(self, comm, x: torch.Tensor):
+    def _top_flat(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = self._select(x.view(1, -1), k, "flat")
+        return values.view(-1), indices.view(-1)
+
+    def _topka(self, comm, x: torch.Tensor, out: torch.Tensor) -> None:
         n, P = x.numel(), comm.size
         k = budget(self.density, n)
-        values, indices = KK.topk(x, k)
-        new_residual = x.clone()
-        new_residual[indices] = 0
+        values, indices = self._top_flat(x, k)
+        x[indices] = 0
         buf = KK.pack(values, indices, n)
-        out = torch.empty(P * buf.numel(), dtype=torch.uint8, device=x.device)
-        comm.iallgather(buf, out, kind="topka.all_gather").wait()
-        total = torch.zeros_like(x)
-        for piece in out.view(P, -1):      # rank order: the same sum on every rank
+        gathered = torch.empty(P * buf.numel(), dtype=torch.uint8, device=x.device)
+        timing.wait(comm.iallgather(buf, gathered, kind="topka.all_gather"))
+        out.zero_()
+        for piece in gathered.view(P, -1):      # rank order: the same sum on every rank
             r_values, r_indices = KK.unpack(piece, x.dtype, n)
-            KK.scatter_add_(total, r_indices, r_values)
+            KK.scatter_add_(out, r_indices, r_values)
+        out.div_(P)
         self.last = {"algorithm": "topka", "n": n, "k": k}
-        return total / P, new_residual
 
-    def _gtopk(self, comm, x: torch.Tensor):
+    def _gtopk(self, comm, x: torch.Tensor, out: torch.Tensor) -> None:
         n, P, rank = x.numel(), comm.size, comm.rank
         k = budget(self.density, n)
-        values, indices = KK.topk(x, k)
-        new_residual = x.clone()
-        new_residual[indices] = 0
+        values, indices = self._top_flat(x, k)
+        x[indices] = 0          # x becomes this rank's residual
         nbytes = KK.pair_nbytes(k, x.dtype, n)
         kind = "gtopk"
         p2 = 1 << (P.bit_length() - 1)
@@ -476,19 +589,19 @@ class SparseAllreduce:
         def keep_dropped(dropped):
             # The merged group's lowest rank keeps what the merge dropped, so the group's
             # residuals plus its set still add up to the group's X.
-            KK.scatter_add_(new_residual, dropped[1], dropped[0])
+            KK.scatter_add_(x, dropped[1], dropped[0])
 
         mine = (values, indices)
         if rank >= p2:
             partner = rank - p2
-            comm.isend(KK.pack(*mine, n), partner, _TAG_GTOPK, kind=kind).wait()
+            timing.wait(comm.isend(KK.pack(*mine, n), partner, _TAG_GTOPK, kind=kind))
             got = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-            comm.irecv(got, partner, _TAG_GTOPK + 63, kind=kind).wait()
+            timing.wait(comm.irecv(got, partner, _TAG_GTOPK + 63, kind=kind))
             mine = KK.unpack(got, x.dtype, n)
         else:
             if rank < extra:
                 got = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-                comm.irecv(got, rank + p2, _TAG_GTOPK, kind=kind).wait()
+                timing.wait(comm.irecv(got, rank + p2, _TAG_GTOPK, kind=kind))
                 mine, dropped = merge(mine, KK.unpack(got, x.dtype, n))
                 keep_dropped(dropped)
             for step, mask in enumerate(recursive_doubling_schedule(p2)):
@@ -501,11 +614,43 @@ class SparseAllreduce:
                 if rank & (2 * mask - 1) == 0:
                     keep_dropped(dropped)
             if rank < extra:
-                comm.isend(KK.pack(*mine, n), rank + p2, _TAG_GTOPK + 63, kind=kind).wait()
-        total = torch.zeros_like(x)
-        total[mine[1]] = mine[0]
+                timing.wait(comm.isend(KK.pack(*mine, n), rank + p2, _TAG_GTOPK + 63, kind=kind))
+        out.zero_()
+        out[mine[1]] = mine[0] / P
         self.last = {"algorithm": "gtopk", "n": n, "k": k}
-        return total / P, new_residual
+
+
+def _top_candidates(vals: torch.Tensor, flat: torch.Tensor, row: torch.Tensor | None,
+                    counts: torch.Tensor, c: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact top-k of every row of (s, c) rows from its candidates (values `vals` at
+    row-major flat positions `flat`, ascending; row of each, None for one row; every row
+    has >= k): values (s, k) and local int64 indices (s, k), ascending, ties to the lower
+    index."""
+    s = counts.numel()
+    if row is None:
+        top, pick = KK.topk(vals, k)
+        return top.view(1, k), flat[pick].view(1, k)
+    col = flat - row * c
+    # Rows of unequal candidate counts, padded with zeros: a candidate is at least the
+    # threshold, > 0 unless the row is all candidates (then no row is padded).
+    width = int(counts.max())
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(flat.numel(), device=flat.device) - start[row]
+    pad_v = vals.new_zeros((s, width))
+    pad_c = torch.zeros((s, width), dtype=torch.int64, device=flat.device)
+    pad_v[row, pos] = vals
+    pad_c[row, pos] = col
+    top, pick = KK.topk_rows(pad_v, k)
+    return top, pad_c.gather(1, pick)
+
+
+def _reuse_error(reuse_steps: Any, reuse_eps: Any) -> str | None:
+    if isinstance(reuse_steps, bool) or not isinstance(reuse_steps, int) or reuse_steps < 1:
+        return f"reuse_steps={reuse_steps!r} must be an integer >= 1 (1: no threshold reuse)"
+    if isinstance(reuse_eps, bool) or not isinstance(reuse_eps, (int, float)) \
+            or not 0.0 < float(reuse_eps) <= 10.0:
+        return f"reuse_eps={reuse_eps!r} must be a number in (0, 10]"
+    return None
 
 
 def _param_error(density: Any, algorithm: Any, teams: Any, sag: Any, size: int | None
@@ -549,8 +694,9 @@ def _state_for(residual: torch.Tensor, config: tuple, comm) -> SparseAllreduce:
     entry = _call_sites.get(key)
     if entry is not None and entry[0]() is residual and entry[1] == config:
         return entry[2]
-    density, algorithm, teams, sag = config[:4]
-    state = SparseAllreduce(density, algorithm, teams=teams, sag=sag, group=comm)
+    density, algorithm, teams, sag, reuse_steps, reuse_eps = config[:6]
+    state = SparseAllreduce(density, algorithm, teams=teams, sag=sag, group=comm,
+                            reuse_steps=reuse_steps, reuse_eps=reuse_eps)
     _call_sites[key] = (weakref.ref(residual), config, state)
     weakref.finalize(residual, _call_sites.pop, key, None)
     return state
@@ -558,8 +704,8 @@ def _state_for(residual: torch.Tensor, config: tuple, comm) -> SparseAllreduce:
 
 def sparse_allreduce(tensor: torch.Tensor, residual: torch.Tensor, density: float, *,
                      algorithm: str = "spardl", teams: int = 1, sag: str = "bruck",
-                     group: Any = None, state: SparseAllreduce | None = None
-                     ) -> torch.Tensor:
+                     group: Any = None, state: SparseAllreduce | None = None,
+                     reuse_steps: int = 1, reuse_eps: float = 1.0) -> torch.Tensor:
     """Sparsified mean over ranks with error feedback, in place (collective over `group`).
 
     On every rank X = tensor + residual. Afterwards `tensor` holds the mean over ranks of
@@ -571,17 +717,22 @@ def sparse_allreduce(tensor: torch.Tensor, residual: torch.Tensor, density: floa
     ignored except for validation). density in (0, 1]; density 1 gives the exact mean.
     group: None (default group) | commrt.transports Communicator | torch ProcessGroup.
     float16/bfloat16 are computed and sent as float32. Empty tensors are a no-op. Per-rank
-    wire bytes: see the module docstring. SparDL's adaptive h lives in `state`; without
-    one, a SparseAllreduce is kept per residual tensor (one per call site).
+    wire bytes: see the module docstring. SparDL's adaptive h and the kept thresholds live
+    in `state`; without one, a SparseAllreduce is kept per residual tensor (one per call
+    site). reuse_steps / reuse_eps: threshold reuse (`SparseAllreduce`; 1 = off; the
+    result is the same either way). They configure the kept state only when `state` is
+    None (a given state carries its own).
     Raises ValueError on every rank for a bad density/algorithm/teams/sag, a residual of
     another shape/dtype/device, or tensors whose size or dtype differ across ranks.
     """
     comm = resolve_group(group) if state is None else state.comm
     if state is None:
         error = check_pair(tensor, residual) or _param_error(density, algorithm, teams, sag,
-                                                             comm.size)
+                                                             comm.size) \
+            or _reuse_error(reuse_steps, reuse_eps)
         agree(comm, error, _signature(tensor, density, algorithm, teams, sag),
               "sparse_allreduce")
-        state = _state_for(residual, (float(density), algorithm, teams, sag, id(group)), comm)
+        state = _state_for(residual, (float(density), algorithm, teams, sag, reuse_steps,
+                                      float(reuse_eps), id(group)), comm)
         return state(tensor, residual, key=tensor.numel(), validate=False)
     return state(tensor, residual, key=tensor.numel())

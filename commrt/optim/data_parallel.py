@@ -20,7 +20,16 @@ Per-rank wire bytes per step, for a model of n parameters of 4 bytes on P ranks:
 bytes with the transport's counters.)
 
 `state_dict()` holds the model, the optimizer, the hook's error-feedback residuals and
-adaptive state, and the step counter, so a resumed run continues bit-for-bit.
+adaptive state, and the step counter, so a resumed run continues bit-for-bit. One more piece
+of state lives inside torch's DDP and cannot be saved: its gradient-bucket layout. DDP
+starts with buckets in reverse parameter order and rebuilds them, after the first synced
+backward, in the order gradients became ready. The compressing hooks work per bucket (SparDL's
+per-rank chunks, the quantizer's blocks of 256), so a resumed run whose first step used the
+initial layout would compress differently from the uninterrupted run, which had rebuilt long
+before. So the first step after `load_state_dict` of a trained state first runs one synced
+forward and backward on its first micro-batch with the hook's state, the gradients and the
+RNG restored afterwards: it only lets DDP record the ready order, and the real step then uses
+the rebuilt layout. That probe's traffic is counted in the wire bytes of that step.
 """
 from __future__ import annotations
 
@@ -70,16 +79,22 @@ class DataParallel:
         self.grad_clip = grad_clip
         self.accumulation_steps = accumulation_steps
         self.steps = 0
+        # True after loading a trained state: DDP's buckets are still in the initial layout
+        # (module docstring).
+        self._rebuild_buckets_first = False
 
     @classmethod
     def sparse(cls, model: nn.Module, *, density: float, algorithm: str = "spardl", teams: int = 1,
-               process_group: Any = None, **kwargs: Any) -> "DataParallel":
+               process_group: Any = None, reuse_steps: int = 1, reuse_eps: float = 1.0,
+               **kwargs: Any) -> "DataParallel":
         """DDP whose buckets are reduced by `commrt.collectives.sparse_allreduce` with error
-        feedback (`algorithm` spardl, topka or gtopk; residuals kept per bucket by the hook)."""
+        feedback (`algorithm` spardl, topka or gtopk; residuals kept per bucket by the hook).
+        reuse_steps / reuse_eps: threshold reuse (`hooks.SparseAllreduceState`; 1 = off)."""
         from commrt import hooks
 
         state = hooks.SparseAllreduceState(density, algorithm=algorithm, teams=teams,
-                                           process_group=process_group)
+                                           process_group=process_group,
+                                           reuse_steps=reuse_steps, reuse_eps=reuse_eps)
         return cls(model, process_group=process_group, comm_hook=hooks.sparse_allreduce_hook,
                    hook_state=state, **kwargs)
 
@@ -98,6 +113,8 @@ class DataParallel:
         total = 0.0
         for micro in range(self.accumulation_steps):
             inputs, targets = next_batch()
+            if self._rebuild_buckets_first:
+                self._rebuild_buckets(inputs, targets, loss_fn)
             last = micro == self.accumulation_steps - 1
             with contextlib.nullcontext() if last else self.ddp.no_sync():
                 loss = loss_fn(self.ddp(inputs), targets)
@@ -110,6 +127,20 @@ class DataParallel:
         self.steps += 1
         return total / self.accumulation_steps
 
+    def _rebuild_buckets(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> None:
+        """One synced forward/backward whose only effect is DDP's bucket rebuild (collective:
+        every rank of a resumed run calls it in its first step). The hook's residuals and
+        adaptive state, the gradients and the RNG streams are as before it."""
+        params = list(self.model.parameters())
+        saved = None if self.hook_state is None else self.hook_state.state_dict(params)
+        devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            loss_fn(self.ddp(inputs), targets).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        if saved is not None:
+            self.hook_state.load_state_dict(saved, params)
+        self._rebuild_buckets_first = False
+
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "steps": self.steps, "hook_state": None if self.hook_state is None else
@@ -119,5 +150,6 @@ class DataParallel:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
+        self._rebuild_buckets_first = self.steps > 0
         if self.hook_state is not None and state.get("hook_state") is not None:
             self.hook_state.load_state_dict(state["hook_state"], list(self.model.parameters()))

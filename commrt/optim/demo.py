@@ -21,6 +21,13 @@ coefficients sends its scale as 4 extra bytes). With 8-bit values the decoded qu
 the dequantized one, and it is also what is subtracted from δ, so the quantization error
 stays in δ (error feedback) and nothing is lost.
 
+Implementation. Tensors with the same chunk shape and k are batched: one top-k and one
+inverse DCT per group rather than per parameter (1-D chunks also share one forward DCT).
+Both inverse DCTs start from sparse coefficients (k, resp. ≤ P·k, per chunk) and are
+computed from those entries directly (`idct_sparse_chunks`), never from a dense zero-filled
+coefficient matrix when the chunk is sparse enough; the results equal the dense formulas
+up to float rounding.
+
 All parameters travel in one all-gather per step. Per-rank wire bytes of one step, over a
 process group of P ranks (the all-gather's (P−1)/P of the gathered array)::
 
@@ -31,6 +38,7 @@ this number for the last step and `DeMo.payload_bytes()` the bracketed per-rank 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -121,7 +129,10 @@ class ChunkLayout:
 
     @classmethod
     def for_tensor(cls, shape: Sequence[int], max_chunk: int, one_d: bool = False) -> "ChunkLayout":
-        shape = tuple(int(s) for s in shape)
+        return _layout_for(tuple(int(s) for s in shape), int(max_chunk), bool(one_d))
+
+    @classmethod
+    def _build(cls, shape: tuple[int, ...], max_chunk: int, one_d: bool) -> "ChunkLayout":
         numel = math.prod(shape)
         if one_d or len(shape) < 2:
             return cls(shape, 1, numel, 1, chunk_size_for(numel, max_chunk))
@@ -152,6 +163,65 @@ class ChunkLayout:
         grid = coeffs.reshape(self.rows // self.cr, self.cols // self.cc, self.cr, self.cc)
         return _idct(grid).reshape(self.shape)
 
+    def grid_view(self, x: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor of this layout viewed as ``(rows/cr, cr, cols/cc, cc)``: chunk
+        (i, j) is ``[i, :, j, :]``."""
+        return x.view(self.rows // self.cr, self.cr, self.cols // self.cc, self.cc)
+
+    def chunks_as_grid(self, chunks: torch.Tensor) -> torch.Tensor:
+        """A stack of spatial chunks ``(nchunks, cr, cc)`` (in coefficient-row order) as a
+        view shaped like `grid_view`, to add into or copy from without a reshuffle first."""
+        return chunks.view(self.rows // self.cr, self.cols // self.cc, self.cr,
+                           self.cc).transpose(1, 2)
+
+    def from_chunks(self, chunks: torch.Tensor) -> torch.Tensor:
+        """A stack of spatial chunks ``(nchunks, cr, cc)`` reassembled into the tensor shape."""
+        return self.chunks_as_grid(chunks).reshape(self.shape)
+
+
+def _basis(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if K is not None and hasattr(K, "dct_basis"):
+        return K.dct_basis(n, dtype, device)
+    return _dct_basis(n, dtype, device)
+
+
+def idct_sparse_chunks(values: torch.Tensor, indices: torch.Tensor, cr: int, cc: int
+                       ) -> torch.Tensor:
+    """Inverse chunk DCT of sparse coefficient matrices: chunk n holds ``values[n, j]`` at
+    chunk-local index ``indices[n, j]`` (row-major in ``cr × cc``; repeated indices add up)
+    and zeros elsewhere. Returns the spatial chunks ``(nchunks, cr, cc)`` (1-D chunks: cr 1).
+
+    Same result, up to float rounding, as scattering into a dense ``(nchunks, cr·cc)``
+    matrix and inverse-transforming it. With m coefficients per chunk, the 2-D inverse of
+    one chunk is ``Br^T S Bc = Σ_j s_j · Br[u_j]^T ⊗ Bc[v_j]`` ((u_j, v_j) = index j's row
+    and column) ``= A^T B`` with ``A = (s_j · Br[u_j])_j`` (m × cr) and ``B = (Bc[v_j])_j``
+    (m × cc): one batched ``(cr × m) @ (m × cc)`` product, 2·m flops per element, against
+    2·(cr + cc) for the dense inverse (which also needs the zero-filled dense matrix). The
+    batched product runs below the dense GEMMs' efficiency, so it is used while
+    ``2·m ≤ cr + cc`` (DeMo's kept top-k: m = k; the mean of P ranks: m = P·k); denser
+    chunks (and 1-D chunks, where m = k is a large share of the chunk) go dense.
+    """
+    nchunks, m = values.shape
+    if cr > 1 and 2 * m <= cr + cc:
+        dtype = values.dtype
+        rows = torch.index_select(_basis(cr, dtype, values.device), 0, (indices // cc).view(-1))
+        rows = rows.view(nchunks, m, cr).mul_(values.unsqueeze(2))
+        cols = torch.index_select(_basis(cc, dtype, values.device), 0, (indices % cc).view(-1))
+        return torch.bmm(rows.transpose(1, 2), cols.view(nchunks, m, cc))
+    dense = torch.zeros(nchunks, cr * cc, dtype=values.dtype, device=values.device)
+    flat = indices + (torch.arange(nchunks, device=indices.device) * (cr * cc)).unsqueeze(1)
+    _scatter_add(dense.view(-1), flat.reshape(-1), values.reshape(-1))
+    if cr == 1:
+        return _idct(dense).view(nchunks, 1, cc)
+    # (nchunks, 1, cr, cc): a column of chunks, whose spatial form is the chunk stack
+    return _idct(dense.view(nchunks, 1, cr, cc)).view(nchunks, cr, cc)
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_for(shape: tuple[int, ...], max_chunk: int, one_d: bool) -> ChunkLayout:
+    # cached: optimizers ask for every parameter's layout on every step
+    return ChunkLayout._build(shape, max_chunk, one_d)
+
 
 def topk_per_chunk(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k by magnitude of every row of (nchunks, e): values and chunk-local int64 indices,
@@ -173,7 +243,8 @@ _VALUE_BYTES = {32: 4, 16: 2, 8: 1}
 
 class CoefficientCodec:
     """Packs the kept coefficients of a list of tensors into one uint8 payload per rank and
-    turns the all-gathered payloads back into mean coefficient matrices.
+    turns the all-gathered payloads back into every rank's (value / ranks, index) pairs,
+    whose per-chunk sums are the mean coefficient matrices.
 
     ``specs``: per tensor ``(nchunks, chunk_elems, k)``; every rank must hold the same list.
     """
@@ -242,17 +313,19 @@ class CoefficientCodec:
         payload = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8)
         return payload, decoded_values
 
-    def decode_mean(self, gathered: torch.Tensor, ranks: int, dtype: torch.dtype
-                    ) -> list[torch.Tensor]:
-        """gathered: (ranks · payload_bytes) uint8, rank-major. Returns per tensor the
-        (nchunks, chunk_elems) mean over ranks of the sent sparse coefficient matrices."""
+    def decode(self, gathered: torch.Tensor, ranks: int
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """gathered: (ranks · payload_bytes) uint8, rank-major. Returns per tensor the sent
+        coefficients of every rank, divided by ranks, as ``(values, indices)`` float32 and
+        int64 chunk-local indices, each ``(nchunks, ranks · k)``: chunk n's mean over ranks
+        is the sum of its entries (an index sent by several ranks appears several times)."""
         rows = gathered.view(ranks, self.payload_bytes)
-        out: list[torch.Tensor] = []
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
         offset = 0
         for (nchunks, elems, k), (ib, vb, eb) in zip(self.specs, self.parts):
-            dense = torch.zeros(nchunks, elems, dtype=torch.float32)
             if nchunks == 0:
-                out.append(dense.to(dtype))
+                out.append((torch.zeros(0, ranks * k), torch.zeros(0, ranks * k,
+                                                                   dtype=torch.long)))
                 continue
             idx = rows[:, offset:offset + ib].reshape(-1).clone().view(torch.uint16).to(torch.int32)
             idx = idx.view(ranks, nchunks, k)
@@ -273,9 +346,11 @@ class CoefficientCodec:
                     scale = scale.view(torch.float32).view(ranks, nchunks)
                 vals = q * scale.unsqueeze(2)
             offset += ib + vb + eb
-            flat_idx = idx.long() + (torch.arange(nchunks) * elems).view(1, nchunks, 1)
-            _scatter_add(dense.view(-1), flat_idx.reshape(-1), vals.reshape(-1).float())
-            out.append((dense / ranks).to(dtype))
+            if ranks > 1:  # chunk-major: (nchunks, ranks, k) -> (nchunks, ranks·k)
+                vals = (vals / ranks).transpose(0, 1)
+                idx = idx.transpose(0, 1)
+            out.append((vals.reshape(nchunks, ranks * k).float(),
+                        idx.reshape(nchunks, ranks * k).long()))
         return out
 
 
@@ -284,11 +359,6 @@ def _scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
         K.scatter_add_(dense, indices, values)
     else:
         dense.index_add_(0, indices, values)
-
-
-def _sparse_to_dense(values: torch.Tensor, indices: torch.Tensor, elems: int) -> torch.Tensor:
-    dense = torch.zeros(values.shape[0], elems, dtype=values.dtype, device=values.device)
-    return dense.scatter_(1, indices, values)
 
 
 # --------------------------------------------------------------------------------------
@@ -369,6 +439,8 @@ class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
         self.last_step_wire_bytes = 0
         self._codec: CoefficientCodec | None = None
         self._codec_key: tuple | None = None
+        self._groups: list[tuple[int, int, int, list[tuple[int, int, int]]]] = []
+        self._groups_key: tuple | None = None
 
     # The set of tensors that take part is fixed by which params exist, not which have
     # grads: a param without grad sends zeros so every rank's payload has the same layout.
@@ -393,6 +465,24 @@ class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
             self.comm.check_uniform([len(key), self._codec.payload_bytes], "DeMo payload layout")
         return self._codec
 
+    def _chunk_groups(self, entries) -> list[tuple[int, int, int, list[tuple[int, int, int]]]]:
+        """Entries batched by (cr, cc, k): per group ``(cr, cc, k, [(entry, first chunk row,
+        nchunks)])``. Every tensor of a group is transformed on its own (its DCT reads its
+        own layout), but top-k and the inverse DCTs run once per group on the stacked chunk
+        rows: the per-call overhead is paid per chunk shape, not per parameter."""
+        key = tuple((l.cr, l.cc, l.nchunks, k) for _, _, l, k in entries)
+        if key != self._groups_key:
+            groups: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {}
+            rows: dict[tuple[int, int, int], int] = {}
+            for i, (_, _, layout, k) in enumerate(entries):
+                if layout.nchunks:
+                    g = (layout.cr, layout.cc, k)
+                    groups.setdefault(g, []).append((i, rows.get(g, 0), layout.nchunks))
+                    rows[g] = rows.get(g, 0) + layout.nchunks
+            self._groups = [(cr, cc, k, members) for (cr, cc, k), members in groups.items()]
+            self._groups_key = key
+        return self._groups
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -401,8 +491,9 @@ class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
                 loss = closure()
         entries = self._layouts()
         codec = self._get_codec(entries)
-        kept = []
-        for p, group, layout, k in entries:
+        groups = self._chunk_groups(entries)
+        coeffs: list[torch.Tensor | None] = [None] * len(entries)
+        for i, (p, group, layout, k) in enumerate(entries):
             state = self.state[p]
             if "delta" not in state:
                 state["delta"] = torch.zeros_like(p, dtype=torch.float32)
@@ -415,25 +506,58 @@ class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
             delta.mul_(group["compression_decay"])
             if p.grad is not None:
                 delta.add_(p.grad.float(), alpha=lr)
-            if layout.nchunks == 0:
-                kept.append((torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)))
-                continue
-            coeffs = layout.to_coeffs(delta)
-            kept.append(topk_per_chunk(coeffs, k))
+            if layout.nchunks and layout.cr > 1:
+                coeffs[i] = layout.to_coeffs(delta)
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)) for _, _, _, k in entries]
+        group_indices = []
+        for cr, cc, k, members in groups:
+            if cr == 1:
+                # 1-D chunks (cr = 1) are consecutive runs of cc elements of the flat tensor,
+                # so the chunk rows of the concatenated flat momenta are those of each tensor
+                # in turn: one DCT for the whole group
+                flat = torch.cat([self.state[entries[i][0]]["delta"].view(-1)
+                                  for i, _, _ in members])
+                stacked = _dct(flat, cc).reshape(-1, cc)
+            elif len(members) > 1:
+                stacked = torch.cat([coeffs[i] for i, _, _ in members])
+            else:
+                stacked = coeffs[members[0][0]]
+            values, indices = topk_per_chunk(stacked, k)
+            group_indices.append(indices)
+            for i, row, n in members:
+                kept[i] = (values[row:row + n], indices[row:row + n])
         payload, sent_values = codec.encode(kept)
-        for (p, group, layout, k), (_, indices), sent in zip(entries, kept, sent_values):
-            if layout.nchunks:
-                transmitted = _sparse_to_dense(sent.float(), indices, layout.chunk_elems)
-                self.state[p]["delta"].sub_(layout.from_coeffs(transmitted))
+        # δ ← δ − IDCT(kept): inverse of the sparse kept coefficients only, per group
+        for (cr, cc, k, members), indices in zip(groups, group_indices):
+            sent = torch.cat([sent_values[i] for i, _, _ in members]).float() \
+                if len(members) > 1 else sent_values[members[0][0]].float()
+            chunks = idct_sparse_chunks(sent, indices, cr, cc)
+            for i, row, n in members:
+                p, _, layout, _ = entries[i]
+                layout.grid_view(self.state[p]["delta"]).sub_(
+                    layout.chunks_as_grid(chunks[row:row + n]))
         gathered = self._all_gather(payload)
-        means = codec.decode_mean(gathered, self.comm.size, torch.float32)
-        for (p, group, layout, k), mean in zip(entries, means):
-            if not layout.nchunks:
-                continue
-            update = layout.from_coeffs(mean)
-            if group["sign"]:
-                update = update.sign()
-            p.add_(update.to(p.dtype), alpha=-group["lr"])
+        decoded = codec.decode(gathered, self.comm.size)
+        # u = IDCT(mean): the mean's sparse entries (≤ P·k per chunk) inverse-transformed
+        for cr, cc, k, members in groups:
+            parts = [decoded[i] for i, _, _ in members]
+            values = torch.cat([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
+            indices = torch.cat([x for _, x in parts]) if len(parts) > 1 else parts[0][1]
+            chunks = idct_sparse_chunks(values, indices, cr, cc)
+            signed = [entries[i][1]["sign"] for i, _, _ in members]
+            if all(signed):  # one sign for the group instead of one per tensor
+                chunks = chunks.sign_()
+            for i, row, n in members:
+                p, group, layout, _ = entries[i]
+                update = chunks[row:row + n]
+                if group["sign"] and not all(signed):
+                    update = update.sign()
+                if p.dtype == torch.float32 and p.is_contiguous():
+                    # added through the chunk-grid view: no reassembled copy of the update
+                    layout.grid_view(p).add_(layout.chunks_as_grid(update), alpha=-group["lr"])
+                else:
+                    p.add_(layout.from_chunks(update).to(p.dtype), alpha=-group["lr"])
         self.last_step_wire_bytes = codec.wire_bytes(self.comm.size)
         return loss
 

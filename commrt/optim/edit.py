@@ -298,7 +298,9 @@ class EDiT:
 
     def state_dict(self) -> dict[str, Any]:
         """Model, inner optimizer, outer state (anchors, momenta, residuals, anomaly
-        statistics) and counters. Collective: flushes a pending synchronization first."""
+        statistics), the sparse exchange's own adaptive state (``"sparse_reducer"``, None
+        unless ``exchange="sparse"``) and counters. Collective: flushes a pending
+        synchronization first."""
         self.flush()
         return {
             "model": self.model.state_dict(),
@@ -308,6 +310,7 @@ class EDiT:
                         "trackers": [t.state() for t in l.trackers]} for l in self.layers],
             "counters": {"steps": self.steps, "inner_steps": self.inner_steps,
                          "local_steps": self.local_steps, "syncs": self.syncs},
+            "sparse_reducer": None if self._sparse is None else self._sparse.state_dict(),
             "extra": self._extra_state(),
         }
 
@@ -328,6 +331,8 @@ class EDiT:
         c = state["counters"]
         self.steps, self.inner_steps = c["steps"], c["inner_steps"]
         self.local_steps, self.syncs = c["local_steps"], c["syncs"]
+        if self._sparse is not None:
+            self._sparse.load_state_dict(state["sparse_reducer"])
         self._load_extra_state(state.get("extra", {}))
 
     def _extra_state(self) -> dict:

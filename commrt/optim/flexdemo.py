@@ -43,8 +43,8 @@ from typing import Any, Iterable
 import torch
 
 
-from .demo import (_VALUE_BYTES, ChunkLayout, CoefficientCodec, _sparse_to_dense,
-                   _WireBytesInStateDict, topk_per_chunk)
+from .demo import (_VALUE_BYTES, ChunkLayout, CoefficientCodec, _WireBytesInStateDict,
+                   idct_sparse_chunks, topk_per_chunk)
 from .mesh import HybridMesh, resolve_mesh
 
 _BASES = ("sign", "sgd", "adamw")
@@ -197,22 +197,24 @@ class FlexDeMo(_WireBytesInStateDict, torch.optim.Optimizer):
             else:
                 kept.append(topk_per_chunk(layout.to_coeffs(delta), s["k"]))
         payload, sent_values = codec.encode(kept)
+        # δ ← δ − IDCT(kept), straight from the kept (index, value) pairs (no dense copy)
         for (s, _, _), (_, indices), sent in zip(works, kept, sent_values):
             if s["padded"]:
-                transmitted = _sparse_to_dense(sent.float(), indices, s["layout"].chunk_elems)
-                self.state[s["key"]]["delta"].sub_(s["layout"].from_coeffs(transmitted))
+                layout = s["layout"]
+                chunks = idct_sparse_chunks(sent.float(), indices, layout.cr, layout.cc)
+                self.state[s["key"]]["delta"].sub_(chunks.view(-1))
         replicate = self.mesh.replicate
         if replicate.size > 1:
             gathered = torch.empty(replicate.size * payload.numel(), dtype=torch.uint8)
             replicate.iallgather(payload, gathered, kind="flexdemo.all_gather").wait()
         else:
             gathered = payload
-        means = codec.decode_mean(gathered, replicate.size, torch.float32)
-        for (s, param_shard, n), mean in zip(works, means):
+        decoded = codec.decode(gathered, replicate.size)
+        for (s, param_shard, n), (values, indices) in zip(works, decoded):
             if not s["padded"]:
                 continue
-            group, state = s["group"], self.state[s["key"]]
-            update = s["layout"].from_coeffs(mean).reshape(-1)
+            group, state, layout = s["group"], self.state[s["key"]], s["layout"]
+            update = idct_sparse_chunks(values, indices, layout.cr, layout.cc).view(-1)
             lr, wd = group["lr"], group["weight_decay"]
             if wd:
                 param_shard.mul_(1.0 - lr * wd)
