@@ -43,20 +43,14 @@ def dtype_code(dtype: torch.dtype) -> int:
     return _DTYPE_CODES.get(dtype, 0)
 
 
-def validation_enabled() -> bool:
-    """Whether the collectives check argument agreement across ranks: always. The check is
-    the transport's one agreement mechanism (`Communicator.check_uniform`, one small
-    allreduce); torch's TORCH_DISTRIBUTED_DEBUG only decides, in the torch backend, whether
-    it blocks before the data (DETAIL) or travels beside it."""
-    return True
-
-
 def agree(comm, error: str | None, signature: Sequence[int], what: str) -> None:
     """Collective: raise ValueError on every rank if any rank rejected its input locally
     (`error`) or the ranks' `signature`s differ; otherwise return on every rank.
 
     A local error is first shared with every rank (a flag in the same small allreduce), so
-    that a mistake on one rank cannot leave the others waiting in the collective.
+    that a mistake on one rank cannot leave the others waiting in the collective. This is
+    the transport's one agreement mechanism (`Communicator.check_uniform`); it always runs
+    here, since one small allreduce is cheap next to a compressed collective.
     """
     if comm.size == 1:
         if error:

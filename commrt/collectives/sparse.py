@@ -62,7 +62,7 @@ work buffer kept by the call site (one per tensor size), so a call allocates onl
 k-sized temporaries. `last` also splits the call's wall time into transport waits and the
 rest (`commrt.collectives.timing`). If a NaN/Inf raises ValueError, the residual may
 hold X. Inputs are checked across ranks by one
-small allreduce per call (`COMMRT_VALIDATE=0` skips it): a bad input on any rank raises
+small allreduce per call (the transport's agreement check): a bad input on any rank raises
 ValueError on every rank instead of hanging the others.
 """
 from __future__ import annotations
