@@ -3,7 +3,7 @@ torch `gloo`, side by side in one run.
 
     mpirun -n 4 python -m perf.collectives --json OUT.json
     mpirun -n 4 python -m perf.collectives --ops allreduce --sizes 1k,4k,1m,4m \\
-        --impls mpi4py,commrt,commrt-novalidate,gloo
+        --impls mpi4py,commrt,gloo
 
 The default process group is `commrt` (its rendezvous store agreed over MPI); gloo is a
 second group on the same store (``dist.new_group(backend="gloo")``); raw mpi4py runs on
@@ -49,7 +49,7 @@ OPS = {  # nccl-tests name -> torch.distributed name
 }
 ALIASES = {v: k for k, v in OPS.items()} | {"all_gather": "allgather",
                                             "all_to_all": "alltoall"}
-IMPLS = ("mpi4py", "commrt", "commrt-novalidate", "gloo")
+IMPLS = ("mpi4py", "commrt", "gloo")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int32}
 
 
@@ -205,8 +205,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             best_cpu = {impl: float("inf") for impl in impls}
             wire = {}
             for impl, fn in calls.items():  # warm-up (and gloo support check) per impl
-                validate = commrt_pg._validate
-                commrt_pg._validate = impl != "commrt-novalidate" and validate
                 try:
                     before = T.wire.bytes()
                     for _ in range(3):
@@ -216,20 +214,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     best[impl] = float("nan")
                     if rank == 0:
                         print(f"# {impl} {op}: not supported ({str(exc).splitlines()[0]})")
-                finally:
-                    commrt_pg._validate = validate
             for _ in range(args.repeats):  # interleaved, so load changes hit every impl alike
                 for impl, fn in calls.items():
                     if best[impl] != best[impl]:  # NaN: unsupported
                         continue
-                    validate = commrt_pg._validate
-                    commrt_pg._validate = impl != "commrt-novalidate" and validate
-                    try:
-                        wall, cpu = timed(fn, iters, mpi_comm)
-                        best[impl] = min(best[impl], wall)
-                        best_cpu[impl] = min(best_cpu[impl], cpu)
-                    finally:
-                        commrt_pg._validate = validate
+                    wall, cpu = timed(fn, iters, mpi_comm)
+                    best[impl] = min(best[impl], wall)
+                    best_cpu[impl] = min(best_cpu[impl], cpu)
             for impl in impls:
                 t = best[impl]
                 if t != t:
@@ -265,7 +256,7 @@ def summary(records: list[dict]) -> list[str]:
     """The issue's two targets, from this run's records."""
     lines = []
     by = {(r["op"], r["impl"], r["bytes"]): r for r in records}
-    for impl in ("commrt", "commrt-novalidate"):
+    for impl in ("commrt",):
         big = [(by[("allreduce", "mpi4py", n)], r) for (op, i, n), r in by.items()
                if op == "allreduce" and i == impl and n >= 1 << 20 and ("allreduce", "mpi4py", n) in by]
         if big:
