@@ -187,6 +187,9 @@ class _Staged:
         self.pinned = None
         self.writeback = False
         dtype = _UPCAST.get(t.dtype, t.dtype) if reduce else t.dtype
+        if t.is_cpu and dtype is t.dtype and t.is_contiguous():
+            self.work = t  # the common case, decided without building a torch.device
+            return
         on_device = t.device.type != "cpu"
         if on_device and t.device.type != "cuda":
             raise ValueError(f"commrt transport supports CPU and CUDA tensors, got {t.device}")
@@ -465,6 +468,28 @@ class Request:
     def test(self) -> bool:
         return self._poll() is True
 
+    def cancel(self) -> None:
+        """Withdraw a pending receive (MPI_Cancel) so that no later message can match it;
+        a receive that completed meanwhile completes as usual. For receives only (MPICH
+        cannot cancel sends)."""
+        with self._lock:
+            if self._done:
+                return
+            MPI = _mpi()
+            for req in self._reqs:
+                if req != MPI.REQUEST_NULL:
+                    req.Cancel()
+            statuses = [MPI.Status() for _ in self._reqs]
+            MPI.Request.Waitall(self._reqs, statuses)
+            if any(st.Is_cancelled() for st in statuses):
+                # Nothing arrived: no completion work (it would copy garbage back), no
+                # callbacks.
+                self._staged, self._callbacks, self._done = (), [], True
+                _progress.forget(self)
+                return
+            self._complete(statuses[0] if len(statuses) == 1 else None)
+        self._run_callbacks()
+
     def _poll(self) -> bool | None:
         """True: complete (completion work done); False: tested, not complete; None:
         another thread holds the request (waiting on it or completing it)."""
@@ -541,6 +566,11 @@ class Communicator:
         return f"Communicator(rank={self.rank}, size={self.size})"
 
     # -- groups -----------------------------------------------------------------------
+
+    def dup(self) -> "Communicator":
+        """Collective: a communicator of the same ranks whose messages never match this
+        one's (MPI_Comm_dup); release it with `free()`."""
+        return Communicator(self.mpi.Dup())
 
     def split(self, color: int | None, key: int = 0) -> "Communicator | None":
         """Collective: ranks with the same color form a new communicator, ordered by key.
@@ -672,7 +702,17 @@ class Communicator:
         if out.numel() != self.size * inp.numel():
             raise ValueError(f"all_gather output has {out.numel()} elements, expected "
                              f"{self.size} x {inp.numel()}")
-        return self.iallgatherv(inp, out, [inp.numel()] * self.size, kind=kind)
+        sin, sout = _stage_in(inp), _stage_out(out)
+        if self.size == 1:
+            sout.work.view(-1).copy_(sin.work.view(-1))
+            return Request.completed((sin, sout))
+        # Equal blocks: MPI_Iallgather, without the v-variant's count and offset lists.
+        nbytes = _nbytes(sin.work)
+        BYTE = _mpi().BYTE
+        req = self.mpi.Iallgather([_buf(sin.work), nbytes, BYTE],
+                                  [_buf(sout.work), nbytes, BYTE])
+        wire.add(kind, (self.size - 1) * _nbytes(out) // self.size)
+        return Request([req], (sin, sout))
 
     def iallgatherv(self, inp: torch.Tensor, out: torch.Tensor, counts: Sequence[int], *,
                     kind: str = "all_gather") -> Request:

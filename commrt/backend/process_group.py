@@ -21,6 +21,7 @@ for it, and raises its own error; the other ranks learn of it from the flag.
 """
 from __future__ import annotations
 
+import time
 import zlib
 from datetime import timedelta
 from typing import Any, Callable, Sequence
@@ -71,8 +72,10 @@ def _scatter_back(flat: torch.Tensor, outputs: Sequence[torch.Tensor]) -> None:
 def _unaliased(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`inp`, or a copy of it when it shares memory with `out`: MPI forbids aliased send and
     receive buffers, and FSDP2 all-gathers from a view into its own output."""
-    if inp.numel() and out.numel() and \
-            inp.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+    # Byte ranges, not storages (building a storage object costs more than the rest of a
+    # small call): exact where it matters, as a non-contiguous tensor is staged in a copy.
+    i, o = inp.data_ptr(), out.data_ptr()
+    if i < o + out.numel() * out.element_size() and o < i + inp.numel() * inp.element_size():
         return inp.clone()
     return inp
 
@@ -102,9 +105,15 @@ class CommrtProcessGroup(dist.ProcessGroup):
     """
 
     def __init__(self, communicator: T.Communicator, *, timeout: timedelta | None = None,
-                 group_name: str = "", group_desc: str = "", store: Any = None) -> None:
+                 group_name: str = "", group_desc: str = "", store: Any = None,
+                 owns_communicator: bool = False) -> None:
         super().__init__(communicator.rank, communicator.size)
         self.communicator = communicator
+        # monitored_barrier's acks travel on their own communicator: a late ack left over
+        # from an expired barrier can never match a user send/recv or a collective.
+        self._monitor = communicator.dup()
+        self._monitor_seq = 0
+        self._owned = [self._monitor] + ([communicator] if owns_communicator else [])
         self._rank = communicator.rank
         self._size = communicator.size
         self._timeout = timeout
@@ -181,8 +190,16 @@ class CommrtProcessGroup(dist.ProcessGroup):
         watchdog.set_timeout(self, timeout)
 
     def shutdown(self) -> None:
+        """Settle completions, stop timing this group and free the communicators it made
+        (MPI frees one with operations still pending once they complete); later
+        operations raise RuntimeError."""
         completer.settle()
         watchdog.remove_group(self)
+        owned, self._owned = self._owned, []
+        for comm in owned:
+            comm.free()
+        if owned and self._broken is None:
+            self._broken = f"commrt: group {self._group_name!r} has been shut down"
 
     def abort(self) -> None:
         T.world().abort(1)
@@ -667,10 +684,69 @@ class CommrtProcessGroup(dist.ProcessGroup):
         return work
 
     def monitored_barrier(self, timeout: Any = None, wait_all_ranks: bool = False) -> None:
-        """A barrier that raises RuntimeError instead of hanging when a rank does not
-        arrive within `timeout` (default: the group's timeout)."""
-        seconds = timeout_seconds(timeout if timeout is not None else self._timeout)
-        self.barrier().wait(timedelta(seconds=seconds) if seconds else None)
+        """A barrier that names the ranks that do not arrive, as gloo's does: every other
+        rank sends rank 0 an ack and waits (the group's timeout) for its reply; rank 0
+        waits for the acks within `timeout` (default: the group's timeout; 0 expires at
+        once) and replies only when all arrived, so all ranks pass or none does. Raises
+        RuntimeError on rank 0 naming the first missing rank ("Rank N failed to pass
+        monitoredBarrier in <ms> ms"), or all of them with `wait_all_ranks`; the group
+        stays usable (a pending ack receive is cancelled, and acks are tagged with the
+        barrier's number on a communicator of their own). As with gloo, every rank must
+        call a group's monitored_barrier equally often (a call only some ranks make
+        shifts the numbering). Wire bytes: 1 byte each way between rank 0 and each other
+        rank."""
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
+        group_s = timeout_seconds(self._timeout) or float("inf")  # 0 there: no timeout
+        if timeout is None:
+            seconds = group_s
+        else:  # an explicit 0 expires at once (torch's meaning)
+            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) \
+                else float(timeout)
+        self._monitor_seq += 1
+        tag = self._monitor_seq % 32768  # MPI guarantees tags up to 32767
+        comm, rank, size = self._monitor, self._rank, self._size
+        if size == 1:
+            return
+        token = torch.zeros(1, dtype=torch.uint8)
+        if rank != 0:
+            comm.isend(token, 0, tag, kind="monitored_barrier")
+            reply = comm.irecv(torch.zeros(1, dtype=torch.uint8), 0, tag,
+                               kind="monitored_barrier")
+            if not _wait_until(reply, _deadline(group_s)):
+                reply.cancel()
+                if reply.source is None:
+                    raise RuntimeError(
+                        f"Rank {rank} successfully reached monitoredBarrier, but received "
+                        "errors while waiting for send/recv from rank 0. Please check rank "
+                        "0 logs for faulty rank.")
+            return
+        ms = int(round(seconds * 1000)) if seconds != float("inf") else -1
+        acks = {r: comm.irecv(torch.zeros(1, dtype=torch.uint8), r, tag,
+                              kind="monitored_barrier") for r in range(1, size)}
+        deadline = _deadline(seconds)
+
+        def withdraw() -> None:
+            for req in acks.values():
+                req.cancel()
+        for r, req in acks.items():
+            if not wait_all_ranks and time.monotonic() >= deadline and not req.test():
+                passed = [q for q, other in acks.items() if other.done and q < r]
+                withdraw()
+                raise RuntimeError(f"Rank {rank} timed out in monitoredBarrier after {ms} ms. "
+                                   f"Successfully processed ranks: {passed}")
+            if not _wait_until(req, deadline):
+                req.cancel()
+                if req.source is None and not wait_all_ranks:
+                    withdraw()
+                    raise RuntimeError(f"[Rank 0]: Rank {r} failed to pass monitoredBarrier "
+                                       f"in {ms} ms")
+        missing = [r for r, req in acks.items() if req.source is None]
+        if missing:
+            raise RuntimeError(f"[Rank 0]: Ranks {', '.join(map(str, missing))} failed to "
+                               f"pass monitoredBarrier in {ms} ms")
+        for r in range(1, size):
+            comm.isend(token, r, tag, kind="monitored_barrier")
 
     # -- coalescing (torch's _coalescing_manager with a device) ------------------------
 
@@ -686,6 +762,20 @@ class CommrtProcessGroup(dist.ProcessGroup):
         op = "coalesced(" + ",".join(dict.fromkeys(w.op for w in works)) + ")"
         return CommrtWork(works, [t for w in works for t in w.result_tensors], None, op,
                           self._seq, tuple(w.signature for w in works), self)
+
+
+def _deadline(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+def _wait_until(req: T.Request, deadline: float) -> bool:
+    """Whether `req` completes before `deadline` (time.monotonic()); polls every
+    millisecond, which only monitored_barrier, off the hot path, uses."""
+    while not req.test():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def _table_code(signature: tuple) -> int:
@@ -724,7 +814,9 @@ def create_process_group(common_opts: Any, backend_opts: Any = None) -> CommrtPr
     world = T.world()
     if not ranks:
         _default_group_ranks_match(world, rank, size)
-        comm = world
+        # A duplicate of the world, freed on shutdown: an operation left posted after a
+        # timeout can never match a later default group's collectives.
+        comm = world.dup()
     else:
         if ranks[rank] != world.rank:
             raise RuntimeError(f"commrt backend: global rank {ranks[rank]} of the new group "
@@ -732,4 +824,5 @@ def create_process_group(common_opts: Any, backend_opts: Any = None) -> CommrtPr
                                "numbered like MPI's world")
         comm = world.create_group(ranks)
     return CommrtProcessGroup(comm, timeout=timeout, group_name=group_id,
-                              store=getattr(common_opts, "store", None))
+                              store=getattr(common_opts, "store", None),
+                              owns_communicator=not ranks)

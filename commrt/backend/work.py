@@ -205,7 +205,10 @@ class CommrtWork(dist._Work):
             return True
         waiter = watchdog.waiter() if blocking else None
         if self.check is not None:
-            if waiter is not None and not self._block(self.check, waiter):
+            # The check was posted ahead of the data and is usually done by now: a test
+            # spares the blocking wait's bookkeeping.
+            if waiter is not None and not self.check.test() and \
+                    not self._block(self.check, waiter):
                 return True
             failed = self._check_failed()
             if failed is None:
