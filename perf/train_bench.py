@@ -87,6 +87,10 @@ def run_training(entry: dict[str, Any], nprocs: int, cmd: list[str], run_dir: Pa
     """Run ``mpirun -n nprocs python -m commrt.train *cmd`` over `link` (its ``--out`` is
     `run_dir`) and fill `entry` with the job's status and the run's results: curves, final
     validation loss, wall clock, steps, tokens, wire bytes and exposed communication."""
+    # commrt.train appends to metrics.jsonl (so that --resume continues a curve): a stale
+    # run in the same folder would prepend its records to this one's curve.
+    for stale in ("metrics.jsonl", "summary.json"):
+        (run_dir / stale).unlink(missing_ok=True)
     start = time.perf_counter()
     try:
         proc = launch_mpi(nprocs, "commrt.train", cmd, link=link, ranks_per_node=ranks_per_node,
