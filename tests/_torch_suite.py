@@ -366,7 +366,7 @@ def expected_lines(run: SuiteRun, previous: Expected | None) -> str:
             continue
         outcome, reason = listed.get(name, ("", ""))
         if (outcome, got.outcome) not in ((got.outcome, got.outcome), ("excluded", "skipped")):
-            outcome, reason = got.outcome, (got.detail.splitlines() or ["TODO: why"])[0]
+            outcome, reason = got.outcome, (got.detail.splitlines() or ["<write the reason>"])[0]
         lines.append(f"{name:<60} {outcome:<8} {reason.strip()}")
     return "\n".join(lines) + "\n"
 
