@@ -8,7 +8,8 @@ Public API (flat 1-D float tensors unless stated; see each module's docstring):
 * ``topk_error_feedback(grad, residual, k, exact=True, block_size=None)``  (``error_feedback``)
 * ``pack_sparse``, ``unpack_sparse``, ``packed_nbytes``, ``scatter_add_``,
   ``scatter_add_packed_``  (``sparse_pack``)
-* ``quantize``, ``dequantize``, ``quantized_nbytes``, ``QuantizedTensor``  (``quantize``)
+* ``quantize``, ``quantize_`` (in place: x becomes its quantization error), ``dequantize``,
+  ``quantized_nbytes``, ``QuantizedTensor``  (``quantize``)
 * ``dct_chunks``, ``idct_chunks``, ``dct_chunk_size``, ``dct_basis``  (``dct``)
 
 Each public function dispatches (``dispatch.backend``): Triton for CUDA tensors, the fast
@@ -30,7 +31,8 @@ from .sparse_pack import (HEADER_BYTES, index_width, pack_sparse, pack_sparse_cp
                           unpack_sparse_torch, unpack_sparse_triton)
 from .quantize import (QuantizedTensor, dequantize, dequantize_cpu, dequantize_torch,
                        dequantize_triton, quantize, quantize_cpu, quantize_torch,
-                       quantize_triton, quantized_nbytes)
+                       quantize_triton, quantize_, quantize_cpu_, quantize_torch_,
+                       quantize_triton_, quantized_nbytes)
 from .dct import (dct_basis, dct_chunk_size, dct_chunks, dct_chunks_cpu, dct_chunks_torch,
                   idct_chunks, idct_chunks_cpu, idct_chunks_torch)
 
@@ -46,6 +48,7 @@ __all__ = [
     "unpack_sparse_torch", "unpack_sparse_triton", "scatter_add_", "scatter_add_cpu_",
     "scatter_add_torch_", "scatter_add_triton_", "scatter_add_packed_",
     "QuantizedTensor", "quantize", "quantize_cpu", "quantize_torch", "quantize_triton",
+    "quantize_", "quantize_cpu_", "quantize_torch_", "quantize_triton_",
     "dequantize", "dequantize_cpu", "dequantize_torch", "dequantize_triton", "quantized_nbytes",
     "dct_basis", "dct_chunk_size", "dct_chunks", "dct_chunks_cpu", "dct_chunks_torch",
     "idct_chunks", "idct_chunks_cpu", "idct_chunks_torch",

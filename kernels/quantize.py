@@ -19,7 +19,10 @@ byte boundaries), ``q.scales`` float32 ``[ceil(numel / block_size)]``, so the wi
 
 Error feedback: with ``residual`` (same shape and device as x, float, contiguous) the
 quantized tensor is ``x + residual`` (computed in float32) and the residual becomes
-``x + residual_old - dequantize(q)`` in the same pass.
+``x + residual_old - dequantize(q)`` in the same pass. ``quantize_(x, ...)`` instead
+leaves x's own quantization error in x, ``x - dequantize(q)`` in x's dtype, in the same
+pass (for a caller whose X already is the new residual); both ``quantize_`` and
+``dequantize`` can write into given tensors (``out=``), e.g. views of a message buffer.
 
 NaN/Inf in the quantized input raise ``ValueError`` (detected per block in the same
 pass; with a residual, the residual then holds unspecified values).
@@ -27,19 +30,23 @@ pass; with a residual, the residual then holds unspecified values).
 Implementations (``dispatch.backend`` picks one; ``*_triton``, ``*_cpu`` and ``*_torch``
 force one): the Triton kernels (one fused pass), the fast CPU path and the torch
 reference. The fast CPU path walks the tensor in chunks of whole blocks (about
-``CPU_CHUNK`` elements, so that its float32 temporaries stay in cache) and makes one pass
-over memory: read x (and the residual), write the codes (and the residual). Chunks run
-one after the other, each op on ``torch.get_num_threads()`` threads (torch's own intra-op
-parallelism; spreading chunks over threads as well would oversubscribe). Its codes and
+``CPU_CHUNK`` elements, so that its temporaries stay in cache; they are per-thread work
+tensors reused across chunks and calls) and makes one pass over memory: read x (and the
+residual), write the codes (and the residual, or x for ``quantize_``). Chunks run one
+after the other, each op on ``torch.get_num_threads()`` threads (torch's own intra-op
+parallelism; spreading chunks over threads as well would oversubscribe); the 1-bit sign
+compare and bit (un)packing use numpy (``packbits``/``unpackbits``). Its codes and
 dequantized values are bit-identical to the reference's (the same float32 operations);
 the 1-bit scales may differ from the reference's in the last bits (a sum in another
 order), and so may 1-bit residuals.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .dispatch import backend, check_float, lazy_jit, require_cpu, require_triton, tl
@@ -88,15 +95,16 @@ if tl is not None:
 
     @lazy_jit
     def _quantize_kernel(x_ptr, res_ptr, data_ptr, scale_ptr, numel, block_size,
-                         HAS_RES: tl.constexpr, BITS: tl.constexpr, PER_BYTE: tl.constexpr,
-                         BYTES_P2: tl.constexpr):
+                         HAS_RES: tl.constexpr, IN_PLACE: tl.constexpr, IS_F64: tl.constexpr,
+                         BITS: tl.constexpr, PER_BYTE: tl.constexpr, BYTES_P2: tl.constexpr):
         blk = tl.program_id(0).to(tl.int64)
         byte_in_blk = tl.arange(0, BYTES_P2)
         j = tl.arange(0, PER_BYTE)
         local = byte_in_blk[:, None] * PER_BYTE + j[None, :]
         offs = blk * block_size + local
         mask = (local < block_size) & (offs < numel)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        raw = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = raw.to(tl.float32)
         if HAS_RES:
             x = x + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a = tl.abs(x)
@@ -131,6 +139,12 @@ if tl is not None:
         tl.store(scale_ptr + blk, tl.where(bad > 0, float("nan"), scale))
         if HAS_RES:
             tl.store(res_ptr + offs, (x - x_hat).to(res_ptr.dtype.element_ty), mask=mask)
+        if IN_PLACE:   # x - dequantize(q): x_hat rounded to x's dtype, subtracted in it
+            if IS_F64:
+                err = raw - x_hat.to(tl.float64)
+            else:   # 16-bit: as torch, the difference of the two in float32, rounded once
+                err = raw.to(tl.float32) - x_hat.to(raw.dtype).to(tl.float32)
+            tl.store(x_ptr + offs, err.to(x_ptr.dtype.element_ty), mask=mask)
 
     @lazy_jit
     def _dequantize_kernel(data_ptr, scale_ptr, out_ptr, numel, block_size,
@@ -229,24 +243,28 @@ def _dequantize_torch(q: QuantizedTensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# Fast CPU path: chunks of whole blocks, each a handful of vectorised torch ops on
-# cache-resident float32 temporaries
+# Fast CPU path: chunks of whole blocks, each a handful of vectorised torch (and, for the
+# bit packing, numpy) ops on cache-resident temporaries
 # ----------------------------------------------------------------------------------------
-# torch's int64 arithmetic wraps (two's complement), which the bit tricks below rely on.
-# Packing eight 0/1 bytes (one little-endian int64) into one byte: the product moves byte j
-# (bit 8j) to bit 56 + j, and no two partial products share a bit, so nothing carries.
-_GATHER_BITS = 0x0102040810204080
-# Unpacking: a byte replicated into all eight bytes (b * 0x01..01), masked so that byte j
-# keeps bit j; + 0x7F sets bit 7 of a byte exactly when it is non-zero (no carries, bytes
-# are <= 0x80), then >> 7 & 0x01..01 leaves 0/1 bytes (a valid bool view).
-_ONES = 0x0101010101010101
-_BIT_J_OF_BYTE_J = 0x8040201008040201 - (1 << 64)   # as a signed int64
-_SEVEN_F = 0x7F7F7F7F7F7F7F7F
-
-
 def _cpu_spans(n: int, block_size: int) -> list[tuple[int, int]]:
     step = max(1, CPU_CHUNK // block_size) * block_size
     return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+_scratch = threading.local()
+
+
+def _work(name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread work tensor of ``size`` elements, reused across chunks and calls: the
+    chunk temporaries then stay in cache, and no fresh pages are faulted in per chunk (a
+    fresh allocation per chunk costs about as much as the pass over it). Outsized requests
+    (a block longer than a chunk) are one-offs, not kept."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.dtype != dtype or buf.numel() < size:
+        buf = torch.empty(size, dtype=dtype)
+        if size <= 2 * CPU_CHUNK:
+            setattr(_scratch, name, buf)
+    return buf[:size]
 
 
 def _as_f32(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
@@ -259,24 +277,35 @@ def _as_f32(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize_cpu(flat: torch.Tensor, res: Optional[torch.Tensor], bits: int,
-                  block_size: int):
+                  block_size: int, inplace: bool = False,
+                  out: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+    """The fast CPU quantize: with `res`, error feedback into it; with `inplace`, flat
+    itself becomes the error flat - x_hat (in flat's dtype). `out`: (data, scales) to
+    write into, else fresh."""
     require_cpu(flat) if res is None else require_cpu(flat, res)
+    # numpy views below refuse tensors that require grad; nothing here is differentiable
+    flat = flat.detach()
+    res = res.detach() if res is not None else None
     n, bs = flat.numel(), block_size
-    data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
-    scales = torch.empty(-(-n // bs), dtype=torch.float32)
+    if out is None:
+        data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
+        scales = torch.empty(-(-n // bs), dtype=torch.float32)
+    else:
+        data, scales = out
+    feedback = res is not None or inplace
 
     def run(span: tuple[int, int]) -> None:
         s, e = span
         m = e - s
         mb = -(-m // bs)
         mp = mb * bs
-        t = torch.empty(mp, dtype=torch.float32)
+        t = _work("t", mp, torch.float32)
         # v = x (+ residual) in float32, as the reference: each rounded to float32, then
         # added; only read below, so a float32 x without residual is used in place.
         if res is None and m == mp and flat.dtype == torch.float32:
             v = flat[s:e]
         else:
-            v = torch.empty(mp, dtype=torch.float32)
+            v = _work("v", mp, torch.float32)
             xs = _as_f32(flat[s:e], v)
             if res is not None:
                 torch.add(xs, _as_f32(res[s:e], t), out=v[:m])
@@ -292,15 +321,20 @@ def _quantize_cpu(flat: torch.Tensor, res: Optional[torch.Tensor], bits: int,
             count = torch.full((mb,), float(bs))
             count[-1] = m - (mb - 1) * bs
             scale = absmax * torch.sqrt(t.mul_(t).view(mb, bs).sum(1) / count)
-            pos = torch.ge(v, 0)
-            pos[m:] = False                # bits past numel are 0, as the reference
-            packed = pos.view(torch.uint8).view(torch.int64) * _GATHER_BITS
-            data[s // 8:s // 8 + -(-m // 8)] = (packed >> 56)[:-(-m // 8)].to(torch.uint8)
-            if res is not None:
+            # numpy's compare and bit packing: torch's boolean compare is several times
+            # slower on one thread (measured); x >= 0 holds for -0.0 in both
+            pos = _work("pos", mp, torch.bool)
+            pos_np = pos.numpy()
+            np.greater_equal(v.numpy(), 0, out=pos_np)
+            pos_np[m:] = False             # bits past numel are 0, as the reference
+            nbytes = -(-m // 8)
+            packed = np.packbits(pos_np, bitorder="little")
+            data[s // 8:s // 8 + nbytes] = torch.from_numpy(packed[:nbytes])
+            if feedback:
                 # x_hat = (2 bit - 1) * scale: int8 * float32 multiplies vectorise where a
                 # broadcast torch.where does not
-                sign = pos.view(torch.int8).mul(2).sub_(1)
-                torch.mul(sign.view(mb, bs), scale[:, None], out=tb)
+                sign = torch.mul(pos.view(torch.int8), 2, out=_work("codes", mp, torch.int8))
+                torch.mul(sign.sub_(1).view(mb, bs), scale[:, None], out=tb)
         else:
             qmax = _QMAX[bits]
             scale = absmax / qmax
@@ -309,9 +343,10 @@ def _quantize_cpu(flat: torch.Tensor, res: Optional[torch.Tensor], bits: int,
             # Round half away from zero: w + copysign(0.5, w) (the sign bit of w over the
             # bits of 0.5), truncated by the int8 conversion. Float addition is symmetric
             # in sign, so this is sign(w) * floor(|w| + 0.5) bit for bit.
-            half = torch.bitwise_and(t.view(torch.int32), -0x80000000)
+            half = torch.bitwise_and(t.view(torch.int32), -0x80000000,
+                                     out=_work("half", mp, torch.int32))
             t.add_(half.bitwise_or_(0x3F000000).view(torch.float32))
-            codes = torch.empty(mp, dtype=torch.int8)
+            codes = _work("codes", mp, torch.int8)
             codes.copy_(t)
             if bits == 8:
                 data[s:e].view(torch.int8).copy_(codes[:m])
@@ -320,11 +355,17 @@ def _quantize_cpu(flat: torch.Tensor, res: Optional[torch.Tensor], bits: int,
                 # (mod 256); c_even + 16 c_odd is within int8, + 136 wraps in uint8.
                 pair = torch.add(codes[0::2], codes[1::2], alpha=16).view(torch.uint8)
                 data[s // 2:s // 2 + -(-m // 2)] = pair[:-(-m // 2)].add_(136)
-            if res is not None:
+            if feedback:
                 t.copy_(codes)
                 tb.mul_(scale[:, None])
         scales[s // bs:s // bs + mb] = scale
-        if res is not None:
+        if inplace:
+            # the reference's x - dequantize(q): x_hat in x's dtype, subtracted in it
+            if flat.dtype == torch.float32:
+                torch.sub(flat[s:e], t[:m], out=flat[s:e])
+            else:
+                flat[s:e].sub_(t[:m].to(flat.dtype))
+        elif res is not None:
             if res.dtype == torch.float32:
                 torch.sub(v[:m], t[:m], out=res[s:e])
             else:
@@ -340,10 +381,11 @@ def _quantize_cpu(flat: torch.Tensor, res: Optional[torch.Tensor], bits: int,
     return data, scales
 
 
-def _dequantize_cpu(q: QuantizedTensor) -> torch.Tensor:
+def _dequantize_cpu(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     require_cpu(q.data, q.scales)
     n, bits, bs = q.numel, q.bits, q.block_size
-    out = torch.empty(n, dtype=q.dtype)
+    if out is None:
+        out = torch.empty(n, dtype=q.dtype)
     data = q.data.contiguous()
     scales = q.scales.contiguous()
 
@@ -354,25 +396,32 @@ def _dequantize_cpu(q: QuantizedTensor) -> torch.Tensor:
         mp = mb * bs
         scale = scales[s // bs:s // bs + mb]
         direct = q.dtype == torch.float32 and m == mp
-        dst = out[s:e] if direct else torch.empty(mp, dtype=torch.float32)
+        dst = out[s:e] if direct else _work("t", mp, torch.float32)
         if bits == 1:
             nbytes = -(-m // 8)
-            spread = torch.zeros(mp // 8, dtype=torch.int64)
-            spread[:nbytes] = data[s // 8:s // 8 + nbytes]
-            spread.mul_(_ONES).bitwise_and_(_BIT_J_OF_BYTE_J).add_(_SEVEN_F)
-            spread.bitwise_right_shift_(7).bitwise_and_(_ONES)
-            sign = spread.view(torch.int8).mul_(2).sub_(1)      # 2 bit - 1, as in quantize
+            # numpy's bit unpacking (little: bit j of byte i is element 8i + j), several
+            # times faster than torch bit arithmetic (measured)
+            bit = np.unpackbits(data[s // 8:s // 8 + nbytes].numpy(), bitorder="little")
+            if bit.size == mp:
+                sign = torch.from_numpy(bit).view(torch.int8)
+            else:
+                sign = _work("codes", mp, torch.int8)
+                sign[:bit.size] = torch.from_numpy(bit).view(torch.int8)
+                sign[bit.size:].zero_()
+            sign.mul_(2).sub_(1)                                  # 2 bit - 1, as in quantize
             torch.mul(sign.view(mb, bs), scale[:, None], out=dst.view(mb, bs))
         else:
             if bits == 8 and m == mp:
                 codes = data[s:e].view(torch.int8)
             elif bits == 8:
-                codes = torch.zeros(mp, dtype=torch.int8)
+                codes = _work("codes", mp, torch.int8)
                 codes[:m] = data[s:e].view(torch.int8)
+                codes[m:].zero_()
             else:
                 nbytes = -(-m // 2)
                 src = data[s // 2:s // 2 + nbytes]
-                nib = torch.zeros(mp, dtype=torch.uint8)
+                nib = _work("codes", mp, torch.int8).view(torch.uint8)
+                nib[2 * nbytes:].zero_()
                 torch.bitwise_and(src, 0x0F, out=nib[0:2 * nbytes:2])
                 torch.bitwise_right_shift(src, 4, out=nib[1:2 * nbytes:2])
                 codes = nib.sub_(8).view(torch.int8)      # code - 8, wrapped into int8
@@ -389,8 +438,23 @@ def _dequantize_cpu(q: QuantizedTensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------
+def _check_out(out, n: int, bits: int, block_size: int, device) -> None:
+    if out is None:
+        return
+    data, scales = out
+    nb = -(-n // block_size)
+    if not (isinstance(data, torch.Tensor) and data.dtype == torch.uint8
+            and data.numel() == (n * bits + 7) // 8 and data.is_contiguous()
+            and isinstance(scales, torch.Tensor) and scales.dtype == torch.float32
+            and scales.numel() == nb and scales.is_contiguous()
+            and data.device == device and scales.device == device):
+        raise ValueError(f"out must be (data, scales): contiguous uint8 of {(n * bits + 7) // 8}"
+                         f" and float32 of {nb} elements on {device}")
+
+
 def _quantize(x: torch.Tensor, bits: int, block_size: int, residual: Optional[torch.Tensor],
-              impl: Optional[str]) -> QuantizedTensor:
+              impl: Optional[str], inplace: bool = False,
+              out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
     check_float(x, "x")
     _check_params(bits, block_size)
     res = None
@@ -404,95 +468,162 @@ def _quantize(x: torch.Tensor, bits: int, block_size: int, residual: Optional[to
         if not residual.is_contiguous():
             raise ValueError("residual must be contiguous (it is updated in place)")
         res = residual.view(-1)
+    if inplace and not x.is_contiguous():
+        raise ValueError("x must be contiguous (it is updated in place)")
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
     nb = -(-n // block_size)
+    _check_out(out, n, bits, block_size, x.device)
     if impl is None:
         impl = backend(flat) if res is None else backend(flat, res)
     if impl == "triton" and n:
         require_triton(flat)
-        data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=x.device)
-        scales = torch.empty(nb, dtype=torch.float32, device=x.device)
+        if out is None:
+            data = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=x.device)
+            scales = torch.empty(nb, dtype=torch.float32, device=x.device)
+        else:
+            data, scales = out
         _quantize_kernel[(nb,)](flat, res if res is not None else flat, data, scales, n,
-                                block_size, HAS_RES=res is not None, BITS=bits,
-                                PER_BYTE=8 // bits, BYTES_P2=_bytes_p2(bits, block_size))
+                                block_size, HAS_RES=res is not None, IN_PLACE=inplace,
+                                IS_F64=flat.dtype == torch.float64, BITS=bits, PER_BYTE=8 // bits,
+                                BYTES_P2=_bytes_p2(bits, block_size))
         if not bool(torch.isfinite(scales).all()):
             raise ValueError("quantize input" + (" + residual" if res is not None else "")
                              + " contains NaN or Inf")
     elif impl == "cpu":
-        data, scales = _quantize_cpu(flat, res, bits, block_size)
+        data, scales = _quantize_cpu(flat, res, bits, block_size, inplace, out)
     else:
         data, scales = _quantize_torch(flat, res, bits, block_size)
+        if out is not None:
+            out[0].copy_(data)
+            out[1].copy_(scales)
+            data, scales = out
+        if inplace:
+            flat.sub_(_dequantize_torch(QuantizedTensor(data, scales, n, bits, block_size,
+                                                        x.dtype)))
     return QuantizedTensor(data, scales, n, bits, block_size, x.dtype)
 
 
 def quantize(x: torch.Tensor, bits: int, block_size: int = 256,
-             residual: Optional[torch.Tensor] = None) -> QuantizedTensor:
+             residual: Optional[torch.Tensor] = None, *,
+             out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
     """Quantize flat x to ``bits`` (8, 4 or 1) with one float32 scale per block.
 
     See the module docstring for the formats and error bounds. ``residual`` enables error
-    feedback (updated in place). ValueError on bad bits/block_size, non-float dtypes,
-    residual shape/device mismatch, NaN/Inf. Dispatches (``dispatch.backend``) to Triton,
-    the fast CPU path or the torch reference.
+    feedback (updated in place). ``out``: optional ``(data, scales)`` to write into (as
+    :func:`quantize_`). ValueError on bad bits/block_size, non-float dtypes, residual
+    shape/device mismatch, a bad ``out``, NaN/Inf. Dispatches (``dispatch.backend``) to
+    Triton, the fast CPU path or the torch reference.
     """
-    return _quantize(x, bits, block_size, residual, None)
+    return _quantize(x, bits, block_size, residual, None, out=out)
 
 
 def quantize_torch(x: torch.Tensor, bits: int, block_size: int = 256,
-                   residual: Optional[torch.Tensor] = None) -> QuantizedTensor:
+                   residual: Optional[torch.Tensor] = None, *,
+                   out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
     """The torch reference of :func:`quantize`."""
-    return _quantize(x, bits, block_size, residual, "torch")
+    return _quantize(x, bits, block_size, residual, "torch", out=out)
 
 
 def quantize_cpu(x: torch.Tensor, bits: int, block_size: int = 256,
-                 residual: Optional[torch.Tensor] = None) -> QuantizedTensor:
+                 residual: Optional[torch.Tensor] = None, *,
+                 out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
     """The fast CPU implementation of :func:`quantize` (CPU tensors; one chunked pass)."""
-    return _quantize(x, bits, block_size, residual, "cpu")
+    return _quantize(x, bits, block_size, residual, "cpu", out=out)
 
 
 def quantize_triton(x: torch.Tensor, bits: int, block_size: int = 256,
-                    residual: Optional[torch.Tensor] = None) -> QuantizedTensor:
+                    residual: Optional[torch.Tensor] = None, *,
+                    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
     """The Triton implementation of :func:`quantize` (one fused pass)."""
-    return _quantize(x, bits, block_size, residual, "triton")
+    return _quantize(x, bits, block_size, residual, "triton", out=out)
 
 
-def _dequantize(q: QuantizedTensor, impl: Optional[str]) -> torch.Tensor:
+def quantize_(x: torch.Tensor, bits: int, block_size: int = 256, *,
+              out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+    """Quantize x (as :func:`quantize`) and leave its quantization error in x, in one pass:
+    the result equals ``q = quantize(x); x.sub_(dequantize(q))`` (x_hat in x's dtype,
+    subtracted in it). For error feedback where X itself becomes the new residual, without
+    the separate dequantize pass and its full-size temporary. x must be contiguous.
+
+    ``out``: optional ``(data, scales)`` to write the codes and scales into (contiguous
+    uint8 and float32 of the sizes :func:`quantize` returns, on x's device), e.g. views
+    of a send buffer; the returned QuantizedTensor then holds them. ValueError as
+    :func:`quantize` (NaN/Inf: x then holds unspecified values), or for a bad ``out``.
+    """
+    return _quantize(x, bits, block_size, None, None, True, out)
+
+
+def quantize_torch_(x: torch.Tensor, bits: int, block_size: int = 256, *,
+                    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+    """The torch reference of :func:`quantize_` (quantize, dequantize, subtract)."""
+    return _quantize(x, bits, block_size, None, "torch", True, out)
+
+
+def quantize_cpu_(x: torch.Tensor, bits: int, block_size: int = 256, *,
+                  out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+    """The fast CPU implementation of :func:`quantize_` (one chunked pass)."""
+    return _quantize(x, bits, block_size, None, "cpu", True, out)
+
+
+def quantize_triton_(x: torch.Tensor, bits: int, block_size: int = 256, *,
+                     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                     ) -> QuantizedTensor:
+    """The Triton implementation of :func:`quantize_` (one fused pass)."""
+    return _quantize(x, bits, block_size, None, "triton", True, out)
+
+
+def _dequantize(q: QuantizedTensor, impl: Optional[str],
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not isinstance(q, QuantizedTensor):
         raise ValueError(f"dequantize takes a QuantizedTensor, got {type(q).__name__}")
     _check_params(q.bits, q.block_size)
     nb = -(-q.numel // q.block_size)
     if q.data.numel() != (q.numel * q.bits + 7) // 8 or q.scales.numel() != nb:
         raise ValueError("QuantizedTensor data/scales sizes do not match numel, bits, block_size")
+    if out is not None and not (isinstance(out, torch.Tensor) and out.dtype == q.dtype
+                                and out.numel() == q.numel and out.is_contiguous()
+                                and out.device == q.data.device):
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of {q.numel} elements "
+                         f"on {q.data.device}")
+    flat_out = out.view(-1) if out is not None else None
     if impl is None:
         impl = backend(q.data, q.scales)
     if q.numel == 0 or impl == "torch":
-        return _dequantize_torch(q)
+        x_hat = _dequantize_torch(q)
+        if flat_out is None:
+            return x_hat
+        flat_out.copy_(x_hat)
+        return out
     if impl == "cpu":
-        return _dequantize_cpu(q)
+        result = _dequantize_cpu(q, flat_out)
+        return out if out is not None else result
     require_triton(q.data)
-    out = torch.empty(q.numel, dtype=q.dtype, device=q.data.device)
-    _dequantize_kernel[(nb,)](q.data.contiguous(), q.scales.contiguous(), out, q.numel,
+    if flat_out is None:
+        flat_out = torch.empty(q.numel, dtype=q.dtype, device=q.data.device)
+    _dequantize_kernel[(nb,)](q.data.contiguous(), q.scales.contiguous(), flat_out, q.numel,
                               q.block_size, BITS=q.bits, PER_BYTE=8 // q.bits,
                               BYTES_P2=_bytes_p2(q.bits, q.block_size))
-    return out
+    return out if out is not None else flat_out
 
 
-def dequantize(q: QuantizedTensor) -> torch.Tensor:
+def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Flat tensor of ``q.numel`` elements in ``q.dtype`` decoded from ``q`` (dispatched as
-    :func:`quantize`)."""
-    return _dequantize(q, None)
+    :func:`quantize`); with ``out`` (contiguous, ``q.numel`` elements of ``q.dtype``, on
+    q's device) written into it and returned."""
+    return _dequantize(q, None, out)
 
 
-def dequantize_torch(q: QuantizedTensor) -> torch.Tensor:
+def dequantize_torch(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The torch reference of :func:`dequantize`."""
-    return _dequantize(q, "torch")
+    return _dequantize(q, "torch", out)
 
 
-def dequantize_cpu(q: QuantizedTensor) -> torch.Tensor:
+def dequantize_cpu(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fast CPU implementation of :func:`dequantize` (CPU tensors)."""
-    return _dequantize(q, "cpu")
+    return _dequantize(q, "cpu", out)
 
 
-def dequantize_triton(q: QuantizedTensor) -> torch.Tensor:
+def dequantize_triton(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The Triton implementation of :func:`dequantize`."""
-    return _dequantize(q, "triton")
+    return _dequantize(q, "triton", out)

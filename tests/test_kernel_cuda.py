@@ -150,6 +150,21 @@ def _check_quantize(K, seed: int) -> None:
                 r = K.quantize_torch(x, bits, 128, residual=r_r)
                 assert torch.equal(q.data, r.data), (seed, n, dtype, bits, "EF")
                 torch.testing.assert_close(r_t, r_r, rtol=0, atol=1e-5)
+            # quantize_ (x becomes its own error) and dequantize(out=), against the
+            # reference's quantize, dequantize, subtract
+            for bits in (8, 4, 1):
+                err = x.clone()
+                q = K.quantize_triton_(err, bits, 256)
+                r = K.quantize_torch(x, bits, 256)
+                assert torch.equal(q.data, r.data), (seed, n, dtype, bits, "in place")
+                out = torch.empty_like(x)
+                K.dequantize_triton(q, out=out)
+                torch.testing.assert_close(out, K.dequantize_torch(q),
+                                           rtol=ULP.get(dtype, 1e-6), atol=0)
+                # 16-bit: x_hat rounds to x's dtype before the subtraction (one ulp of x)
+                scale = float(x.abs().max()) if n else 1.0
+                torch.testing.assert_close(err, x - K.dequantize_torch(q), rtol=0,
+                                           atol=ULP.get(dtype, 1e-6) * max(scale, 1.0))
     bad = _inputs(1000, seed)
     bad[999] = float("inf")
     try:

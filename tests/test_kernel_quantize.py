@@ -247,3 +247,101 @@ def test_kernel_quantize_cpu_nan_inf(bits):
         residual[10] = bad
         with pytest.raises(ValueError, match="residual contains NaN or Inf"):
             K.quantize_cpu(torch.randn(3000), bits, 64, residual=residual)
+
+
+# ----------------------------------------------------------------------------------------
+# quantize_ (x becomes its own quantization error) and dequantize(out=)
+# ----------------------------------------------------------------------------------------
+def _in_place_reference(x, bits, block_size):
+    """The contract of quantize_: quantize, dequantize, subtract (torch reference ops)."""
+    q = K.quantize_torch(x, bits, block_size)
+    return q, x - K.dequantize_torch(q)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_quantize_in_place_cpu_and_torch(bits, dtype, monkeypatch):
+    monkeypatch.setattr(QMOD, "CPU_CHUNK", 512)          # several chunks, short last blocks
+    seed = int(torch.randint(0, 2 ** 31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    for n, block_size in [(0, 64), (1, 8), (9, 8), (255, 64), (1000, 256), (2049, 264),
+                          (5003, 128)]:
+        x = (torch.randn(n, generator=gen) * torch.rand(n, generator=gen) * 10).to(dtype)
+        if n > 300:
+            x[64:128] = 0.0                              # an all-zero block
+            x[200] = -0.0                                # 1 bit: -0.0 >= 0 encodes as +
+        ref_q, ref_err = _in_place_reference(x, bits, block_size)
+        for fn in (K.quantize_cpu_, K.quantize_torch_):
+            err = x.clone()
+            q = fn(err, bits, block_size)
+            _assert_same(q, ref_q, bits, seed)
+            if bits == 1 and fn is K.quantize_cpu_:      # scales may differ in the last bits
+                expect = x - K.dequantize_torch(q)
+                assert torch.equal(err, expect), f"{fn.__name__} seed {seed} n {n}"
+            else:
+                assert torch.equal(err, ref_err), f"{fn.__name__} seed {seed} n {n}"
+        # the error against float64: x == dequantized + error (dequantize returns x's dtype)
+        if dtype in (torch.float32, torch.float64) and n:
+            err = x.clone()
+            q = K.quantize_(err, bits, block_size)
+            gap = (K.dequantize(q).double() + err.double() - x.double()).abs().max().item()
+            assert gap <= 1e-6 * max(1.0, x.double().abs().max().item()), f"seed {seed}"
+
+
+@pytest.mark.parametrize("bits", [8, 4, 1])
+def test_kernel_quantize_in_place_triton_and_out(bits):
+    seed = int(torch.randint(0, 2 ** 31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, generator=gen) * 3
+    ref_q, ref_err = _in_place_reference(x, bits, 64)
+    err = x.clone()
+    q = K.quantize_triton_(err, bits, 64)
+    assert torch.equal(q.data, ref_q.data), f"seed {seed}"
+    torch.testing.assert_close(q.scales, ref_q.scales, rtol=1e-6, atol=0)
+    torch.testing.assert_close(err, x - K.dequantize_torch(q), rtol=0, atol=0,
+                               msg=lambda m: f"{m} (seed {seed})")
+    # out=: codes and scales land in the given views of one buffer, for every backend
+    nbytes = K.quantized_nbytes(300, bits, 64)
+    code_nbytes = (300 * bits + 7) // 8
+    for fn in (K.quantize_cpu_, K.quantize_torch_, K.quantize_triton_):
+        buf = torch.full((code_nbytes + 4 + nbytes,), 7, dtype=torch.uint8)
+        data = buf[:code_nbytes]
+        start = -(-code_nbytes // 4) * 4
+        scales = buf[start:start + 4 * 5].view(torch.float32)
+        err = x.clone()
+        q = fn(err, bits, 64, out=(data, scales))
+        assert q.data.data_ptr() == data.data_ptr() and q.scales.data_ptr() == scales.data_ptr()
+        assert torch.equal(data, ref_q.data), f"{fn.__name__} seed {seed}"
+        torch.testing.assert_close(scales, ref_q.scales, rtol=1e-6, atol=0)
+        assert buf[start + 20:].eq(7).all(), f"{fn.__name__} wrote past out"
+    with pytest.raises(ValueError, match="out must be"):
+        K.quantize_(x.clone(), bits, 64, out=(torch.empty(3, dtype=torch.uint8), scales))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.quantize_(torch.randn(8, 8).t(), bits, 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_dequantize_out(bits, dtype, monkeypatch):
+    monkeypatch.setattr(QMOD, "CPU_CHUNK", 512)
+    seed = int(torch.randint(0, 2 ** 31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    for n, block_size in [(1, 8), (9, 8), (1000, 256), (2049, 264)]:
+        x = torch.randn(n, generator=gen).to(dtype)
+        q = K.quantize_torch(x, bits, block_size)
+        expect = K.dequantize_torch(q)
+        fns = [K.dequantize_cpu, K.dequantize_torch]
+        if n < 1100:
+            fns.append(K.dequantize_triton)
+        for fn in fns:
+            out = torch.full((n,), 5.0, dtype=dtype)
+            assert fn(q, out=out) is out
+            if fn is K.dequantize_triton and dtype == torch.bfloat16:
+                torch.testing.assert_close(out, expect, rtol=2 ** -7, atol=0)
+            else:
+                assert torch.equal(out, expect), f"{fn.__name__} seed {seed} n {n}"
+    with pytest.raises(ValueError, match="out must be"):
+        K.dequantize(q, out=torch.empty(n + 1, dtype=dtype))
+    with pytest.raises(ValueError, match="out must be"):
+        K.dequantize(q, out=torch.empty(n, dtype=torch.float16 if dtype != torch.float16
+                                         else torch.float32))

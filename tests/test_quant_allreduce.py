@@ -3,7 +3,8 @@
 One launch per world size; each rank prints ``CHECK <name> rank <r> OK|FAIL``:
 
 - conservation: Σ residual_after + P·result == Σ (tensor + residual), float64, every
-                bit width and several sizes (also not multiples of the block), all ranks
+                bit width and several sizes (also not multiples of the block; block
+                sizes whose 1-bit pieces leave the scales unaligned), all ranks
                 holding the same result; 8-bit close to the exact mean;
 - convergence:  repeated identical gradient: the applied total approaches the dense total;
 - wire_bytes:   2(P-1)·(c·bits/8 + 4c/block) per rank, split between all-to-all and
@@ -29,10 +30,12 @@ def _check_conservation(comm):
     from commrt.collectives import QuantizedAllreduce, quantized_allreduce
 
     P = comm.size
-    for bits in (8, 4, 1):
-        reducer = QuantizedAllreduce(bits, block_size=64)
+    # block_size 24: the 1-bit pieces' scales sit at offsets not aligned for float32
+    for bits, block_size in ((8, 64), (4, 64), (1, 64), (1, 24), (4, 24)):
+        reducer = QuantizedAllreduce(bits, block_size=block_size)
         for step, n in enumerate((1, 63, 300, 1000)):
-            g = torch.Generator().manual_seed(100 * bits + 10 * step + comm.rank)
+            g = torch.Generator().manual_seed(1000 * block_size + 100 * bits + 10 * step
+                                              + comm.rank)
             tensor = torch.randn(n, generator=g, dtype=torch.float64)
             residual = 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
             total_in = _gather(comm, tensor + residual).sum(0)
@@ -46,6 +49,23 @@ def _check_conservation(comm):
                 mean = total_in / P
                 rel = ((tensor - mean).norm() / mean.norm()).item()
                 assert rel < 0.03, f"8 bit: relative error {rel:.4f} against the exact mean"
+    # float32 with n = P·c: X is formed inside the first quantization pass; a strided
+    # tensor (same values) takes the separate add, bit for bit the same
+    for bits in (8, 4, 1):
+        n = P * 512
+        g = torch.Generator().manual_seed(7000 + 10 * bits + comm.rank)
+        tensor = torch.randn(n, generator=g)
+        residual = 0.1 * torch.randn(n, generator=g)
+        total_in = _gather(comm, tensor.double() + residual.double()).sum(0)
+        strided = torch.empty(n, 2)[:, 0]
+        strided.copy_(tensor)
+        r_strided = residual.clone()
+        QuantizedAllreduce(bits)(tensor, residual)
+        QuantizedAllreduce(bits)(strided, r_strided)
+        assert torch.equal(tensor, strided) and torch.equal(residual, r_strided), \
+            f"{bits} bit float32: the fused add changed the result"
+        gap = (_gather(comm, residual).sum(0) + P * tensor.double() - total_in).abs().max()
+        assert gap.item() < 1e-4, f"{bits} bit float32: conservation off by {gap.item()}"
     # float32 and shaped tensors through the functional API
     tensor = torch.randn(4, 33)
     residual = torch.zeros(4, 33)

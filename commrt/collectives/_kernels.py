@@ -1,4 +1,4 @@
-"""The local tensor operations the sparse collectives need, on top of commrt.kernels.
+"""The local tensor operations the sparse and quantized collectives need, on top of commrt.kernels.
 
 Everything here runs on the tensors' own device (commrt.kernels dispatches to Triton for
 CUDA tensors); only the packed uint8 buffers built here are handed to the transport.
@@ -83,24 +83,71 @@ def quantized_nbytes(numel: int, bits: int, block_size: int) -> int:
     return K.quantized_nbytes(numel, bits, block_size)
 
 
-def quantize_rows(x: torch.Tensor, rows: int, bits: int, block_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize flat x, viewed as `rows` equal rows whose length is a multiple of
-    block_size: ((rows, row_nbytes) uint8, each row its codes then its scales' bytes;
-    the dequantized x). Row r travels alone as one self-contained piece."""
-    q = K.quantize(x, bits, block_size)
-    data = q.data.view(rows, -1)
-    scales = q.scales.view(rows, -1).view(torch.uint8)
-    return torch.cat([data, scales], dim=1), K.dequantize(q)
+def _row_parts(row: torch.Tensor, numel: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale bytes) of one (row_nbytes,) uint8 piece holding `numel` values."""
+    code_nbytes = numel * bits // 8
+    return row[:code_nbytes], row[code_nbytes:]
 
 
-def dequantize_rows(pieces: torch.Tensor, row_numel: int, bits: int, block_size: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `quantize_rows` for (rows, row_nbytes) pieces: (rows, row_numel)."""
-    rows = pieces.shape[0]
-    code_nbytes = row_numel * bits // 8
-    data = pieces[:, :code_nbytes].reshape(-1)
-    scales = pieces[:, code_nbytes:].contiguous().view(torch.float32).reshape(-1)
-    q = K.QuantizedTensor(data=data, scales=scales, numel=rows * row_numel, bits=bits,
-                          block_size=block_size, dtype=dtype)
-    return K.dequantize(q).view(rows, row_numel)
+def quantize_rows_(x: torch.Tensor, out: torch.Tensor, bits: int, block_size: int,
+                   addend: torch.Tensor | None = None) -> None:
+    """Quantize flat x, viewed as out.shape[0] equal rows whose length is a multiple of
+    block_size, into the (rows, row_nbytes) uint8 `out`: each row its codes then its
+    scales' bytes, so row r travels alone as one self-contained piece. x becomes its
+    quantization error x - dequantized(x) in the same pass (`commrt.kernels.quantize_`).
+    With `addend` (float32 like x, same size) X = x + addend is formed in that pass too:
+    the quantization is X's and x becomes X's error (`commrt.kernels.quantize` with x as
+    the residual), bit for bit as `x += addend` first."""
+    rows = out.shape[0]
+    row_numel = x.numel() // rows
+    for r in range(rows):
+        codes, scale_bytes = _row_parts(out[r], row_numel, bits)
+        # the scales go straight into the piece where its bytes are float32-aligned
+        # (always for block_size a multiple of 32), else through a small temporary
+        aligned = scale_bytes.storage_offset() % 4 == 0
+        scales = scale_bytes.view(torch.float32) if aligned else \
+            torch.empty(scale_bytes.numel() // 4, dtype=torch.float32, device=x.device)
+        rows = slice(r * row_numel, (r + 1) * row_numel)
+        if addend is None:
+            K.quantize_(x[rows], bits, block_size, out=(codes, scales))
+        else:
+            K.quantize(addend[rows], bits, block_size, residual=x[rows], out=(codes, scales))
+        if not aligned:
+            scale_bytes.copy_(scales.view(torch.uint8))
+
+
+def _row_quantized(row: torch.Tensor, row_numel: int, numel: int, bits: int,
+                   block_size: int, dtype: torch.dtype) -> K.QuantizedTensor:
+    """The first `numel` values of one piece of `quantize_rows_` as a QuantizedTensor."""
+    codes, scale_bytes = _row_parts(row, row_numel, bits)
+    if scale_bytes.storage_offset() % 4:
+        scale_bytes = scale_bytes.clone()
+    return K.QuantizedTensor(data=codes[:(numel * bits + 7) // 8],
+                             scales=scale_bytes.view(torch.float32)[:-(-numel // block_size)],
+                             numel=numel, bits=bits, block_size=block_size, dtype=dtype)
+
+
+def dequantize_rows_(pieces: torch.Tensor, out: torch.Tensor, row_numel: int, bits: int,
+                     block_size: int) -> None:
+    """Inverse of `quantize_rows_` for (rows, row_nbytes) pieces, into flat `out` (its
+    dtype): row r fills out[r·row_numel:], up to out's end (trailing padding is skipped)."""
+    for r in range(pieces.shape[0]):
+        start = r * row_numel
+        numel = min(row_numel, out.numel() - start)
+        if numel <= 0:
+            break
+        K.dequantize(_row_quantized(pieces[r], row_numel, numel, bits, block_size, out.dtype),
+                     out=out[start:start + numel])
+
+
+def dequantize_sum_rows_(pieces: torch.Tensor, out: torch.Tensor, bits: int,
+                         block_size: int, scratch: torch.Tensor) -> None:
+    """out = the sum of the dequantized rows of (rows, row_nbytes) `pieces` (each of
+    out.numel() values), added in row order; `scratch`: a work tensor like out."""
+    c = out.numel()
+    for r in range(pieces.shape[0]):
+        q = _row_quantized(pieces[r], c, c, bits, block_size, out.dtype)
+        if r == 0:
+            K.dequantize(q, out=out)
+        else:
+            out.add_(K.dequantize(q, out=scratch))

@@ -22,8 +22,12 @@ Wire bytes per rank: 2·(P−1)·q(c) with q(c) = c·bits/8 + 4·c/block (payloa
 all-gather (kind "quant.all_gather"); messages: one all-to-all and one all-gather.
 
 X is formed in the residual itself when no padding is needed (float32/float64,
-contiguous), else in a work buffer the call site keeps; `last` splits the call's wall time
-into transport waits and the rest (`commrt.collectives.timing`).
+contiguous; for float32 inside the first quantization pass), else in a work buffer the
+call site keeps. Each quantization writes its codes and scales straight into the message
+buffer and leaves its error in place in the same pass (`commrt.kernels.quantize_`); the
+received pieces are dequantized into the chunk sum and the result tensor directly, so a
+call allocates no full-size temporaries. `last` splits the call's wall time into
+transport waits and the rest (`commrt.collectives.timing`).
 """
 from __future__ import annotations
 
@@ -99,7 +103,13 @@ class QuantizedAllreduce:
         # it can hold it (no padding, same dtype): phase 1 then turns it into the new
         # residual in place. Otherwise in a work buffer kept across calls.
         in_place = n == P * c and residual.dtype == dtype and residual.is_contiguous()
-        if in_place:
+        # float32 (the usual gradient dtype): the quantization pass adds the tensor itself
+        # (float32 arithmetic, as the kernels' residual mode computes), saving a full pass.
+        fused_add = in_place and dtype == torch.float32 and tensor.dtype == dtype \
+            and tensor.is_contiguous()
+        if fused_add:
+            x = residual.view(-1)
+        elif in_place:
             x = residual.view(-1).add_(tensor.reshape(-1))
         else:
             x = self._buffers.get("x", P * c, dtype, tensor.device)
@@ -107,28 +117,33 @@ class QuantizedAllreduce:
                       out=x[:n])
             x[n:].zero_()
         piece = KK.quantized_nbytes(c, bits, block)
+        device = tensor.device
 
-        # Phase 1: quantize (error kept in the residual), chunk r to rank r.
-        send, approx = KK.quantize_rows(x, P, bits, block)
-        x.sub_(approx)
-        recv = self._buffers.get("recv", send.numel(), torch.uint8, tensor.device).view(P, -1)
+        # Phase 1: quantize straight into the send buffer, x becoming its own error (the
+        # new residual) in the same pass; chunk r to rank r.
+        send = self._buffers.get("send", P * piece, torch.uint8, device).view(P, piece)
+        KK.quantize_rows_(x, send, bits, block, tensor.view(-1) if fused_add else None)
+        recv = self._buffers.get("recv", P * piece, torch.uint8, device).view(P, piece)
         timing.wait(comm.ialltoall(send.view(-1), recv.view(-1), kind="quant.all_to_all"))
-        # rows in rank order, summed along dim 0: the same order on every rank
-        chunk_sum = KK.dequantize_rows(recv, c, bits, block, dtype).sum(0)
+        # rows in rank order: a fixed order (only this rank sums this chunk)
+        chunk_sum = self._buffers.get("sum", c, dtype, device)
+        KK.dequantize_sum_rows_(recv, chunk_sum, bits, block,
+                                self._buffers.get("row", c, dtype, device))
 
         # Phase 2: re-quantize the chunk sum; its error stays in the owner's residual.
-        payload, approx = KK.quantize_rows(chunk_sum, 1, bits, block)
-        x[rank * c:(rank + 1) * c] += chunk_sum.sub_(approx)
-        gathered = self._buffers.get("gathered", P * piece, torch.uint8,
-                                     tensor.device).view(P, -1)
+        payload = self._buffers.get("payload", piece, torch.uint8, device).view(1, piece)
+        KK.quantize_rows_(chunk_sum, payload, bits, block)
+        x[rank * c:(rank + 1) * c] += chunk_sum
+        gathered = self._buffers.get("gathered", P * piece, torch.uint8, device).view(P, -1)
         timing.wait(comm.iallgather(payload.view(-1), gathered.view(-1), kind="quant.all_gather"))
-        total = KK.dequantize_rows(gathered, c, bits, block, dtype).view(-1)[:n]
         if not in_place:
             residual.copy_(x[:n].view(residual.shape))
-        if tensor.dtype == dtype and tensor.is_contiguous():
-            torch.div(total, P, out=tensor.view(-1))
-        else:
-            tensor.copy_((total / P).view(tensor.shape))
+        direct = tensor.dtype == dtype and tensor.is_contiguous()
+        out = tensor.view(-1) if direct else self._buffers.get("out", n, dtype, device)
+        KK.dequantize_rows_(gathered, out, c, bits, block)
+        out.div_(P)
+        if not direct:
+            tensor.copy_(out.view(tensor.shape))
         self.last = {"n": n, "bits": bits, "chunk": c, "piece_nbytes": piece,
                      **timing.split(since)}
         return tensor

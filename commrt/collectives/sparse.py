@@ -187,7 +187,8 @@ def _spar_reduce_scatter(comm, lay: TeamLayout, acc: torch.Tensor, k_block: int,
         timing.wait(rreq, sreq)
         r_values, r_local = KK.unpack(recv_buf, dtype, c)
         offsets = torch.tensor(plan.recv_blocks, dtype=torch.int64, device=device) * c
-        KK.scatter_add_(flat, r_local + offsets.repeat_interleave(k_block), r_values)
+        KK.scatter_add_(flat, r_local.view(s, k_block).add_(offsets.unsqueeze(1)).view(-1),
+                        r_values)
 
 
 def spar_reduce_scatter(x: torch.Tensor, density: float, *, teams: int = 1,
@@ -226,7 +227,7 @@ def _gather_sets(comm, lay: TeamLayout, values: torch.Tensor, local: torch.Tenso
     """All-gather equally sized sparse sets among the d ranks sharing this in-team rank;
     returns the d sets in team order."""
     d, h = lay.teams, values.numel()
-    dtype, device = values.dtype, values.device
+    dtype = values.dtype
     if sag == "bruck":
         held = [(values, local)]          # held[o] is the set of team (team + o) mod d
         for step, (gap, count) in enumerate(bruck_allgather_schedule(d)):
@@ -278,10 +279,13 @@ def _team_allgather(comm, lay: TeamLayout, values: torch.Tensor, local: torch.Te
     m = lay.m
     dtype, device = values.dtype, values.device
     count = values.numel()
-    slot_v = torch.zeros(k_block, dtype=dtype, device=device)
-    slot_i = torch.zeros(k_block, dtype=torch.int64, device=device)
-    slot_v[:count] = values
-    slot_i[:count] = local
+    if count == k_block:                     # full (always with one team): no padding
+        slot_v, slot_i = values, local
+    else:
+        slot_v = torch.zeros(k_block, dtype=dtype, device=device)
+        slot_i = torch.zeros(k_block, dtype=torch.int64, device=device)
+        slot_v[:count] = values
+        slot_i[:count] = local
     held_v, held_i = [slot_v], [slot_i]      # held[o] is block (member + o) mod m
     held_n = [torch.tensor([count], dtype=torch.int32, device=device)]
     for step, (gap, items) in enumerate(bruck_allgather_schedule(m)):
@@ -300,8 +304,10 @@ def _team_allgather(comm, lay: TeamLayout, values: torch.Tensor, local: torch.Te
     all_i = torch.stack(held_i)
     all_n = torch.cat(held_n).to(torch.int64)
     blocks = (torch.arange(m, device=device) + lay.member) % m
-    valid = torch.arange(k_block, device=device).unsqueeze(0) < all_n.unsqueeze(1)
     global_idx = all_i + (blocks * c).unsqueeze(1)
+    if bool((all_n == k_block).all()):       # every block full: no slot to drop
+        return all_v.view(-1), global_idx.view(-1)
+    valid = torch.arange(k_block, device=device).unsqueeze(0) < all_n.unsqueeze(1)
     return all_v[valid], global_idx[valid]
 
 
@@ -528,12 +534,12 @@ class SparseAllreduce:
         # Inside the final index set this rank keeps what it dropped; elsewhere its own X
         # (x already holds X there). Indices past n are padding (zero sums) and dropped.
         idx, vals = result.indices, result.values
-        if idx.numel() and int(idx.max()) >= n:
+        if n < m * c and idx.numel() and int(idx.max()) >= n:
             keep = idx < n
             idx, vals = idx[keep], vals[keep]
-        x[idx] = acc.view(-1)[idx]
+        x.index_copy_(0, idx, acc.view(-1).index_select(0, idx))
         out.zero_()
-        out[idx] = vals / comm.size
+        out.index_copy_(0, idx, vals / comm.size)
         self.last = {"algorithm": "spardl", "n": n, "m": m, "teams": d, "c": c,
                      "k_block": k_block, "h": h, "union": result.union_size,
                      "selected": int(result.indices.numel())}
@@ -614,7 +620,8 @@ class SparseAllreduce:
                 if rank & (2 * mask - 1) == 0:
                     keep_dropped(dropped)
             if rank < extra:
-                timing.wait(comm.isend(KK.pack(*mine, n), rank + p2, _TAG_GTOPK + 63, kind=kind))
+                timing.wait(comm.isend(KK.pack(*mine, n), rank + p2, _TAG_GTOPK + 63,
+                                       kind=kind))
         out.zero_()
         out[mine[1]] = mine[0] / P
         self.last = {"algorithm": "gtopk", "n": n, "k": k}
