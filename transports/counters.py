@@ -14,23 +14,45 @@ and the training script reports bytes per step, so the accounting rule matters:
 """
 from __future__ import annotations
 
+import collections
 import threading
 from collections import defaultdict
 
 
 class WireCounter:
-    """Thread-safe tally of bytes and messages by kind (a string label)."""
+    """Thread-safe tally of bytes and messages by kind (a string label).
+
+    `add` is on every operation's path, so it only appends to a deque (atomic, no lock);
+    the tallies absorb the pending entries under a lock when read, or when many are
+    pending.
+    """
+
+    PENDING_LIMIT = 4096  # entries folded into the tallies by `add` itself beyond this
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._pending: collections.deque = collections.deque()
         self._bytes: dict[str, int] = defaultdict(int)
         self._messages: dict[str, int] = defaultdict(int)
         self._received: dict[str, int] = defaultdict(int)
 
     def add(self, kind: str, nbytes: int, messages: int = 1) -> None:
-        with self._lock:
-            self._bytes[kind] += int(nbytes)
-            self._messages[kind] += messages
+        # int(): a numpy integer would turn the tally into one.
+        self._pending.append((kind, int(nbytes), messages))
+        if len(self._pending) > self.PENDING_LIMIT:
+            with self._lock:
+                self._absorb()
+
+    def _absorb(self) -> None:
+        """Fold the pending entries into the tallies (the caller holds the lock)."""
+        pending, tally, count = self._pending, self._bytes, self._messages
+        while True:
+            try:
+                kind, nbytes, messages = pending.popleft()
+            except IndexError:
+                return
+            tally[kind] += nbytes
+            count[kind] += messages
 
     def add_received(self, kind: str, nbytes: int) -> None:
         with self._lock:
@@ -39,6 +61,7 @@ class WireCounter:
     def bytes(self, kind: str | None = None) -> int:
         """Bytes sent under `kind`, or in total when kind is None."""
         with self._lock:
+            self._absorb()
             return sum(self._bytes.values()) if kind is None else self._bytes.get(kind, 0)
 
     def total_bytes(self) -> int:
@@ -46,6 +69,7 @@ class WireCounter:
 
     def messages(self, kind: str | None = None) -> int:
         with self._lock:
+            self._absorb()
             return sum(self._messages.values()) if kind is None else self._messages.get(kind, 0)
 
     def received(self, kind: str | None = None) -> int:
@@ -55,10 +79,12 @@ class WireCounter:
     def snapshot(self) -> dict[str, tuple[int, int]]:
         """{kind: (bytes, messages)} at this moment; subtract two snapshots for a window."""
         with self._lock:
+            self._absorb()
             return {k: (self._bytes[k], self._messages[k]) for k in self._bytes}
 
     def reset(self) -> None:
         with self._lock:
+            self._pending.clear()
             self._bytes.clear()
             self._messages.clear()
             self._received.clear()
