@@ -158,3 +158,78 @@ def test_coll_transport_matches_reference(nprocs):
 @pytest.mark.parametrize("nprocs", [1, 3])
 def test_coll_transport_wire_bytes(nprocs):
     run_ranks(_wire_bytes_worker, nprocs)
+
+
+def _checked_worker(seed: int) -> None:
+    """An agreement vector posted with a collective (``check=``) travels just ahead of its
+    data: equal vectors give the data's result and `agreed`; a vector that differs on one
+    rank makes every rank's request settle with `agreed` False without its data; more
+    checks in flight than the communicator's persistent slots still pair up in order."""
+    import numpy as np
+
+    from commrt import transports as T
+    from commrt.transports.agreement import encode_signature, encode_values
+
+    comm = T.world()
+    P, rank = comm.size, comm.rank
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 300, (1,), generator=g))
+    signature = encode_signature(("all_reduce", n, "float32")).tobytes()
+    x = _data(seed, rank, n, torch.float32)
+    req = comm.iallreduce(x, check=signature).wait()
+    assert req.agreed is True
+    _close(x, _reference("sum", [_data(seed, r, n, torch.float32) for r in range(P)]),
+           f"checked all_reduce (seed {seed})")
+    if P > 1:
+        # One rank's vector differs: every rank learns it, and the per-position extremes
+        # name the values (ints of the vector after the flag).
+        mine = encode_values([7, 100 + (rank == P - 1)]).tobytes()
+        req = comm.iallreduce(torch.ones(4), check=mine).wait()
+        assert req.agreed is False and not req.rejected, (rank, req.agreed)
+        assert req.low == [7, 100] and req.high == [7, 101], (req.low, req.high)
+        comm.barrier()  # (the data itself matched here and has completed on every rank)
+    # More checks in flight than _CheckSlots.COUNT (40 unwaited), waited in reverse order.
+    k = 40
+    bufs = [torch.full((3,), float(rank + i)) for i in range(k)]
+    reqs = [comm.iallreduce(b, check=signature) for b in bufs]
+    for i in reversed(range(k)):
+        reqs[i].wait()
+        expect = float(sum(r + i for r in range(P)))
+        assert reqs[i].agreed is True and torch.equal(bufs[i], torch.full((3,), expect)), i
+    # A check with nothing to send (iagree), and a rejection flag seen by every rank.
+    flagged = encode_signature(None if rank == 0 else ("x",)).tobytes()
+    agree = comm.iagree(flagged).wait()
+    if P > 1:
+        assert agree.agreed is False and agree.rejected and not agree.all_rejected
+    assert np.frombuffer(flagged, dtype=np.int64)[0] == (rank == 0)
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3])
+def test_coll_transport_checked(nprocs):
+    import random
+    run_ranks(_checked_worker, nprocs, timeout=120, seed=random.randrange(1 << 20))
+
+
+def _background_worker() -> None:
+    """A request nobody waits on progresses in the background even after many later
+    requests have pushed it out of the progress thread's ring of recent posts: without
+    any MPI call by this thread, it completes (the progress thread tested it)."""
+    import time
+
+    from commrt import transports as T
+
+    comm = T.world()
+    big = torch.ones(1 << 20)
+    pending = comm.iallreduce(big)
+    for _ in range(3 * 8):  # more than the ring holds, each waited at once
+        comm.iallreduce(torch.ones(4)).wait()
+    deadline = time.monotonic() + 10.0
+    while not pending.done and time.monotonic() < deadline:
+        time.sleep(0.005)  # no MPI call from this thread
+    assert pending.done, "the pushed-out request made no progress in the background"
+    assert torch.equal(big, torch.full((1 << 20,), float(comm.size)))
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_coll_transport_background_progress(nprocs):
+    run_ranks(_background_worker, nprocs, timeout=120)

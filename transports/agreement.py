@@ -10,15 +10,17 @@ arguments. Wire bytes: 16 int64 (128 B) per check for a fixed-size signature.
 
 The switch is torch's ``TORCH_DISTRIBUTED_DEBUG`` (read when a group is created):
 
-- ``OFF`` / ``INFO`` (default): the check is posted non-blocking just before the data
-  collective, on the same communicator (so MPI orders it identically on every rank), and
-  examined when the operation completes (`SignatureCheck`). No extra round trip.
-- ``DETAIL``: the same check, waited for before the data collective is posted (a
-  blocking round trip per call): a mismatch never reaches MPI.
+- ``OFF`` / ``INFO`` (default): the check travels with the operation: the transport posts
+  it non-blocking just before the data collective, on the same communicator (so MPI
+  orders it identically on every rank), and the operation's `Request` waits for it first
+  (``check=`` on every `Communicator` collective; `Request.agreed`). No extra round trip.
+- ``DETAIL``: the same check posted alone (`Communicator.iagree`) and waited for before
+  the data collective is posted (a blocking round trip per call): a mismatch never
+  reaches MPI.
 
 `TableCheck` is the variant for all-to-all, whose splits must match pairwise rather than be
-equal: every rank's (flag, code, send counts, receive counts) row is all-gathered. Both
-checks are waited like a transport Request (`wait`, `test`, `wait_or_wake`).
+equal: every rank's (flag, code, send counts, receive counts) row is all-gathered. It is
+waited like a transport Request (`wait`, `test`, `wait_or_wake`).
 """
 from __future__ import annotations
 
@@ -29,24 +31,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["SIGNATURE_SLOTS", "SignatureCheck", "TableCheck", "check_uniform", "debug_detail",
+__all__ = ["SIGNATURE_SLOTS", "TableCheck", "check_uniform", "debug_detail",
            "encode_signature", "encode_values"]
 
 # Codes per fixed-size signature (slot 0 is the flag). Fixed, so that ranks that even
 # disagree on *which* collective they call still post matching checks.
 SIGNATURE_SLOTS = 8
-
-_MPI: Any = None
-
-
-def _mpi() -> Any:
-    global _MPI
-    if _MPI is None:
-        from mpi4py import MPI
-
-        _MPI = MPI
-    return _MPI
-
 
 def debug_detail() -> bool:
     """Whether ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` asks for the blocking agreement."""
@@ -91,81 +81,10 @@ def encode_signature(signature: tuple | None) -> np.ndarray:
     return encode_values(codes)
 
 
-class SignatureCheck:
-    """A posted agreement (the MAX-allreduce above), thread-safe like a transport Request.
-
-    After `wait()` (or a `test()` that returned True): `agreed` (every rank sent what this
-    rank sent), `rejected` (some rank set its flag), `all_rejected` (every rank did), and
-    `low`/`high`, the per-slot minimum and maximum over ranks.
-    """
-
-    __slots__ = ("expected", "buf", "request", "lock", "done", "agreed")
-
-    def __init__(self, comm: Any, expected: np.ndarray) -> None:
-        MPI = _mpi()
-        self.expected = expected
-        self.buf = expected.copy()  # one per check: several may be in flight at once
-        self.request = comm.mpi.Iallreduce(MPI.IN_PLACE, self.buf, op=MPI.MAX)
-        self.lock = threading.Lock()
-        self.done = False
-        self.agreed = False
-
-    def _complete(self) -> None:
-        self.agreed = self.buf.tobytes() == self.expected.tobytes()
-        self.done = True
-
-    def wait(self) -> "SignatureCheck":
-        if not self.done:
-            with self.lock:
-                if not self.done:
-                    self.request.Wait()
-                    self._complete()
-        return self
-
-    def wait_or_wake(self, wakeup: Any) -> bool:
-        """`wait()`, unless `wakeup` (a transport `Wakeup`) fires first: then False."""
-        if not self.done:
-            with self.lock:
-                if not self.done:
-                    if not wakeup.wait(self.request):
-                        return False
-                    self._complete()
-        return True
-
-    def test(self) -> bool:
-        if self.done:
-            return True
-        if not self.lock.acquire(blocking=False):
-            return False
-        try:
-            if not self.done and self.request.Test():
-                self._complete()
-        finally:
-            self.lock.release()
-        return self.done
-
-    @property
-    def rejected(self) -> bool:
-        return bool(self.buf[0] != 0)
-
-    @property
-    def all_rejected(self) -> bool:
-        n = len(self.buf) // 2
-        return bool(self.buf[0] != 0 and self.buf[n] != 0)
-
-    @property
-    def high(self) -> list[int]:
-        return self.buf[1:len(self.buf) // 2].tolist()
-
-    @property
-    def low(self) -> list[int]:
-        return (-self.buf[len(self.buf) // 2 + 1:]).tolist()
-
-
 class TableCheck:
     """A posted all-gather of every rank's row ``(flag, code, send counts, recv counts)``
     (P send and P receive counts): all-to-all splits must match pairwise. `wait()`/`test()`
-    as for `SignatureCheck`; `problem()` then says what is wrong, or None."""
+    like a transport Request's check; `problem()` then says what is wrong, or None."""
 
     __slots__ = ("row", "table", "request", "lock", "done", "size")
 
@@ -248,7 +167,7 @@ def check_uniform(comm: Any, values: Sequence[int], what: str) -> None:
     equal `values` (every rank must pass the same number of values)."""
     if comm.size == 1:
         return
-    check = SignatureCheck(comm, encode_values(values)).wait()
+    check = comm.iagree(encode_values(values).tobytes()).wait()
     if not check.agreed:
         raise ValueError(f"{what} differs across ranks: per-position min {check.low}, max "
                          f"{check.high} (this rank: {list(values)})")

@@ -16,6 +16,7 @@ counters.py for the accounting rule).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import sys
@@ -34,7 +35,19 @@ from .counters import wire
 ANY_SOURCE = -1
 ANY_TAG = -1
 
-_MPI = None  # the mpi4py.MPI module, imported on first use so `import commrt` stays cheap
+# The mpi4py.MPI module, imported on first use so `import commrt` stays cheap. Code that
+# only runs once a communicator or request exists reads `_MPI` directly (hot path).
+_MPI: Any = None
+
+# MPICH settings commrt chooses unless the environment sets them. MPICH reads them when
+# MPI is initialised (mpi4py does so when `mpi4py.MPI` is first imported), so they apply
+# when commrt is imported before mpi4py.MPI. The non-blocking reduce-scatter's default
+# algorithms ran 8-10x slower than the blocking one at some sizes (2 ranks, shm: 1 MiB
+# 870-1180 us against 100-107 us); the pairwise one runs within 2-3% of it
+# (perf/results: backend).
+MPICH_DEFAULTS = {"MPIR_CVAR_IREDUCE_SCATTER_BLOCK_INTRA_ALGORITHM": "sched_pairwise"}
+for _name, _value in MPICH_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 
 def _mpi():
@@ -148,28 +161,42 @@ def _mpi_datatype(dtype: torch.dtype):
         raise ValueError(f"commrt cannot reduce tensors of dtype {dtype}") from None
 
 
-def _mpi_op(op: str, dtype: torch.dtype):
-    """The MPI.Op for reduction `op` on (already upcast) `dtype`."""
+_reduce_specs: dict[tuple, tuple] = {}
+
+
+def _mpi_op(op: str, dtype: torch.dtype) -> tuple:
+    """(MPI.Op, MPI datatype, whether the data is upcast first) of reduction `op` on
+    tensors of `dtype`; cached, as every reduction looks it up."""
+    spec = _reduce_specs.get((op, dtype))
+    if spec is None:
+        wire_dtype = _UPCAST.get(dtype, dtype)
+        spec = _reduce_specs[(op, dtype)] = \
+            _reduce_spec(op, wire_dtype) + (wire_dtype is not dtype,)
+    return spec
+
+
+def _reduce_spec(op: str, dtype: torch.dtype) -> tuple:
     if not _OPS:
         _build_tables()
     if op not in _OPS:
         raise ValueError(f"unknown reduction {op!r}; expected one of {', '.join(_REDUCE_OPS)}")
     if dtype == torch.bool:
-        return _BOOL_OPS[op]
+        return _BOOL_OPS[op], _mpi_datatype(dtype)
     if op in ("band", "bor", "bxor") and (dtype.is_floating_point or dtype.is_complex):
         raise ValueError(f"bitwise reduction {op!r} needs an integer or bool tensor, got {dtype}")
     if op in ("max", "min") and dtype.is_complex:
         raise ValueError(f"{op!r} is not defined for complex tensors")
-    return _OPS[op]
+    return _OPS[op], _mpi_datatype(dtype)
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _buf(t: torch.Tensor):
-    """An mpi4py buffer over the bytes of contiguous tensor `t` (host or device memory)."""
-    return _mpi().buffer.fromaddress(t.data_ptr(), _nbytes(t))
+def _buf(t: torch.Tensor, nbytes: int | None = None):
+    """An mpi4py buffer over the bytes of contiguous tensor `t` (host or device memory);
+    `nbytes`, where the caller knows it, spares computing it again."""
+    return _mpi().buffer.fromaddress(t.data_ptr(), _nbytes(t) if nbytes is None else nbytes)
 
 
 class _Staged:
@@ -217,16 +244,30 @@ class _Staged:
             self.pinned = None
 
 
-def _stage_in(t: torch.Tensor, reduce: bool = False) -> _Staged:
-    return _Staged(t, reduce=reduce, writeback=False)
+def _stage_in(t: torch.Tensor, reduce: bool = False) -> tuple[torch.Tensor, tuple]:
+    """(the tensor MPI reads, the staging to finish on completion: () when none)."""
+    return _stage(t, reduce, False)
 
 
-def _stage_out(t: torch.Tensor, reduce: bool = False) -> _Staged:
-    return _Staged(t, reduce=reduce, writeback=True)
+def _stage_out(t: torch.Tensor, reduce: bool = False) -> tuple[torch.Tensor, tuple]:
+    """(the tensor MPI writes, the staging that copies it back on completion)."""
+    return _stage(t, reduce, True)
+
+
+def _stage(t: torch.Tensor, reduce: bool, writeback: bool) -> tuple[torch.Tensor, tuple]:
+    # The common case (a contiguous CPU tensor of a wire dtype) allocates nothing: this is
+    # on every call's path.
+    if t.is_cpu and t.is_contiguous() and not (reduce and t.dtype in _UPCAST):
+        return t, ()
+    staged = _Staged(t, reduce=reduce, writeback=writeback)
+    return staged.work, (staged,)
 
 
 # --------------------------------------------------------------------------------------
 # Requests
+
+
+_monotonic = time.monotonic
 
 
 class _Progress:
@@ -236,36 +277,54 @@ class _Progress:
     on any rank while one rank makes no MPI calls: async collectives would otherwise only
     really start at wait()).
 
-    Cost on the posting path: one dict insertion and a counter increment, one dict removal
-    at completion; the thread is woken (a condition notify) only when it had gone idle
-    (nothing posted and nothing pending for IDLE_AFTER_S). A request whose caller is
-    blocked in `wait()` holds the request's lock, so the thread skips it without calling
-    MPI. While only such requests are pending (a stream of blocking calls) the thread
-    wakes every SLOW_DELAY_S: each wake-up takes the GIL from the calling thread, which
-    the blocking hot path must not pay often. Once a request has stayed incomplete and
-    unwaited over two consecutive scans, the thread polls with exponential back-off from
-    MIN_DELAY_S to MAX_DELAY_S (reset when a test completes a request). Stopped at
-    interpreter exit before mpi4py finalizes MPI (atexit runs in reverse order).
+    The posting path keeps only the last RING requests (a request pushed out of the ring
+    while still pending moves to `overflow`, which the thread adopts); a request that is
+    waited for promptly, as every blocking call's is, is never held anywhere else. Holding
+    every request until the thread's next look, instead, cost ~1.5 us per blocking call
+    (hundreds of live objects per look: allocator and garbage-collector churn, measured
+    with perf.backend). The thread is woken (a condition notify) only when it had gone
+    idle (nothing posted and nothing pending for IDLE_AFTER_S).
+
+    The thread leaves a request alone until it is MIN_AGE_S old, so a request nobody
+    waits on is first tested within SLOW_DELAY_S + MIN_AGE_S: a blocking caller waits on
+    its request within microseconds, and a thread that tested those too would race their
+    waiters and, finding work, poll fast, taking the GIL from the calling thread. A request
+    whose caller is blocked in `wait()` holds the request's lock, so the thread skips it
+    without calling MPI. While nothing old enough is pending the thread wakes every
+    SLOW_DELAY_S; once a request has stayed incomplete and unwaited over two consecutive
+    looks, it polls with exponential back-off from MIN_DELAY_S to MAX_DELAY_S (reset when
+    a test completes a request). Stopped at interpreter exit before mpi4py finalizes MPI
+    (atexit runs in reverse order).
     """
 
     MIN_DELAY_S = 50e-6
     MAX_DELAY_S = 2e-3
     SLOW_DELAY_S = 10e-3
     IDLE_AFTER_S = 0.1
+    MIN_AGE_S = 1e-3
+    RING = 8
 
     def __init__(self) -> None:
-        self.pending: dict[int, "Request"] = {}
-        self.posted = 0
+        # (request, when posted) of the last RING posts, and of older ones still pending
+        # when pushed out of the ring; the thread adopts from both.
+        self.ring: collections.deque[tuple[Request, float]] = collections.deque()
+        self.overflow: collections.deque[tuple[Request, float]] = collections.deque()
+        # The thread's own: adopted, not complete.
+        self.pending: dict[int, tuple[Request, float]] = {}
         self.cond = threading.Condition(threading.Lock())
         self.idle = True
         self.stopped = False
         self.thread: threading.Thread | None = None
 
     def watch(self, req: "Request") -> None:
-        self.pending[id(req)] = req
-        self.posted += 1
-        # Read after the insertion: the thread sets `idle` and then re-checks `pending`
-        # under the condition's lock, so either it sees this request or this sees idle.
+        ring = self.ring
+        if len(ring) >= self.RING:
+            old = ring.popleft()
+            if not old[0]._done:
+                self.overflow.append(old)
+        ring.append((req, _monotonic()))
+        # Read after the append: the thread sets `idle` and then re-checks the ring under
+        # the condition's lock, so either it sees this request or this sees idle.
         if self.idle:
             with self.cond:
                 if self.stopped:
@@ -280,9 +339,6 @@ class _Progress:
                 self.idle = False
                 self.cond.notify()
 
-    def forget(self, req: "Request") -> None:
-        self.pending.pop(id(req), None)
-
     def stop(self) -> None:
         with self.cond:
             self.stopped = True
@@ -290,37 +346,69 @@ class _Progress:
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=5.0)
 
+    def _adopt(self) -> None:
+        """Take every pending request of the ring and the overflow into `pending`."""
+        pending, overflow = self.pending, self.overflow
+        for entry in list(self.ring):  # (one C call: atomic against posting threads)
+            if not entry[0]._done:
+                pending[id(entry[0])] = entry
+        while True:
+            try:
+                entry = overflow.popleft()
+            except IndexError:
+                return
+            if not entry[0]._done:
+                pending[id(entry[0])] = entry
+
+    def _posted_since(self, last: Any) -> tuple[bool, Any]:
+        """(whether anything was posted since the ring's newest entry was `last`, the
+        newest entry now)."""
+        newest = self.ring[-1] if self.ring else None
+        return newest is not last, newest
+
     def _loop(self) -> None:
         delay = self.SLOW_DELAY_S
         quiet_since: float | None = None
-        posted = -1
-        outstanding: set[int] = set()   # tested incomplete and unwaited at the last scan
+        outstanding: set[int] = set()   # tested incomplete and unwaited at the last look
+        pending = self.pending
+        newest: Any = None
         while True:
             with self.cond:
-                if self.pending or self.posted != posted:
-                    quiet_since, posted = None, self.posted
+                posted, newest = self._posted_since(newest)
+                if posted or pending or self.overflow:
+                    quiet_since = None
                 elif quiet_since is None:
                     quiet_since = time.monotonic()
                 elif time.monotonic() - quiet_since > self.IDLE_AFTER_S:
                     self.idle = True
-                while self.idle and not self.pending and not self.stopped:
+                while self.idle and not pending and not self.overflow and not self.stopped \
+                        and not self._posted_since(newest)[0]:
                     self.cond.wait()
                 if self.stopped:
                     return
                 if self.idle:
                     self.idle, quiet_since = False, None
             time.sleep(delay)
+            self._adopt()
             progressed, still = False, set()
-            for key, req in list(self.pending.items()):
+            born_after = time.monotonic() - self.MIN_AGE_S
+            for key, (req, posted_at) in list(pending.items()):
                 if self.stopped:
                     return
+                if req._done:  # completed by its waiter (or cancelled)
+                    del pending[key]
+                    continue
+                if posted_at > born_after:  # too young: looked at on the next wake
+                    continue
                 try:
                     state = req._poll()
                 except Exception:  # an MPI error: its waiter gets it from wait()
-                    self.forget(req)
+                    del pending[key]
                     continue
-                progressed |= state is True
-                if state is False:
+                if state is True:
+                    progressed = True
+                    del pending[key]
+                elif state is False:
                     still.add(key)
             if progressed:
                 delay = self.MIN_DELAY_S
@@ -375,10 +463,9 @@ class Wakeup:
     def wait(self, request: Any, status: Any = None) -> bool:
         """Block until mpi4py `request` completes (True; `status` filled) or `fire()` is
         called (False). `request` must not be MPI_REQUEST_NULL."""
-        MPI = _mpi()
-        if MPI.Request.Waitany([request, self._recv], status) == 0:
+        if _MPI.Request.Waitany([request, self._recv], status) == 0:
             return True
-        self._recv = Wakeup._comm.Irecv([self._buf, 1, MPI.BYTE], 0, self._tag)
+        self._recv = Wakeup._comm.Irecv([self._buf, 1, _MPI.BYTE], 0, self._tag)
         return False
 
     def fire(self) -> None:
@@ -395,21 +482,44 @@ class Request:
     tensors, downcast after an upcast reduction) runs exactly once. From posting until it
     completes, a request is also progressed by a background thread (`_Progress`), so
     communication overlaps the caller's computation without any call from the caller;
-    completion work and callbacks may therefore run on that thread.
+    completion work and callbacks may therefore run on that thread. With `status=True`
+    (receives), `source` and `nbytes` say who sent how many bytes.
+
+    Agreement: an operation posted with ``check=`` (an agreement vector, see
+    `commrt.transports.agreement`) posts that check just ahead of its data, and its
+    request waits for the check first. `agreed` is None while the check is in flight, then
+    whether every rank sent the same vector (True when there is no check). If they did
+    not, the request ends there: `wait()`, `wait_or_wake()` and `test()` report it as
+    settled without its data (`done` stays False, the data requests, ill-matched, are
+    abandoned), and `rejected`, `all_rejected`, `low` and `high` describe the result.
     """
 
-    __slots__ = ("_reqs", "_staged", "_done", "_lock", "_callbacks", "source", "nbytes")
+    # Built and completed on every call's path: no work beyond what a request needs (no
+    # MPI status unless asked for, no callback list unless one is added, the check waited
+    # inside the same call as the data).
+    __slots__ = ("_reqs", "_staged", "_buffers", "_done", "_lock", "_callbacks", "_status",
+                 "_check", "agreed", "source", "nbytes")
 
-    def __init__(self, reqs: list, staged: Sequence[_Staged] = (),
-                 callbacks: Sequence[Callable[[], None]] = ()):
+    def __init__(self, reqs: list, staged: Sequence[_Staged] = (), *, buffers: Any = None,
+                 status: bool = False, check: tuple | None = None) -> None:
         self._reqs = reqs
         self._staged = staged
-        self._callbacks = list(callbacks)
+        # What MPI reads and writes, held until completion: MPI sees only raw addresses.
+        self._buffers = buffers
+        self._callbacks: list | None = None
         self._done = False
         self._lock = threading.RLock()
+        self._status = status and len(reqs) == 1
+        # (MPI request, result buffer, what this rank sent, (slots, index) or None) of a
+        # posted agreement check.
+        self._check = check
+        self.agreed: bool | None = True if check is None else None
+        if check is not None and check[3] is not None:
+            slots, index = check[3]
+            slots.owners[index] = self
         self.source: int | None = None  # irecv: the rank the message came from
         self.nbytes: int | None = None  # irecv: the bytes actually received
-        if reqs:
+        if reqs or check is not None:
             _progress.watch(self)
 
     @classmethod
@@ -426,46 +536,111 @@ class Request:
         """Run `fn()` once the request completes (at once if it already has)."""
         with self._lock:
             if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(fn)
                 return
         fn()
 
+    # -- the agreement check ----------------------------------------------------------
+
+    def _settle_check(self) -> bool:
+        """The check's MPI request has completed: set and return `agreed`."""
+        _, result, sent, slot = self._check
+        self.agreed = result == sent
+        if not self.agreed and slot is not None:  # (the slot's buffer will be reused)
+            self._check = (None, bytes(result), sent, None)
+        return self.agreed
+
+    def _settle_check_now(self) -> None:
+        """Wait for the check (not the data) and examine it: its persistent slot is
+        about to be started again (`_CheckSlots`)."""
+        with self._lock:
+            if self.agreed is None:
+                self._check[0].Wait()
+                self._settle_check()
+
+    def _values(self) -> np.ndarray:
+        if self._check is None or self.agreed is None:
+            raise RuntimeError("the request has no completed agreement check")
+        # Agreed: the result is what this rank sent (a persistent slot's buffer may have
+        # been reused since).
+        return np.frombuffer(self._check[2] if self.agreed else self._check[1],
+                             dtype=np.int64)
+
+    @property
+    def rejected(self) -> bool:
+        """Whether some rank flagged its own arguments as rejected."""
+        return bool(self._values()[0] != 0)
+
+    @property
+    def all_rejected(self) -> bool:
+        """Whether every rank did."""
+        values = self._values()
+        return bool(values[0] != 0 and values[len(values) // 2] != 0)
+
+    @property
+    def high(self) -> list[int]:
+        """Per position of the vector (after the flag), the maximum over ranks."""
+        values = self._values()
+        return values[1:len(values) // 2].tolist()
+
+    @property
+    def low(self) -> list[int]:
+        """Per position, the minimum over ranks."""
+        values = self._values()
+        return (-values[len(values) // 2 + 1:]).tolist()
+
+    # -- completion -------------------------------------------------------------------
+
     def wait(self) -> "Request":
-        if self._done:
+        """Block until complete (or, with a check, until the ranks are found to disagree)."""
+        if self._done or self.agreed is False:
             return self
         with self._lock:
-            if not self._done:
-                MPI = _mpi()
-                status = MPI.Status() if len(self._reqs) == 1 else None
-                if status is not None:
+            if not self._done and self.agreed is not False:
+                if self.agreed is None:
+                    self._check[0].Wait()
+                    if not self._settle_check():
+                        return self
+                status = _MPI.Status() if self._status else None
+                if len(self._reqs) == 1:
                     self._reqs[0].Wait(status)
-                else:
-                    MPI.Request.Waitall(self._reqs)
+                elif self._reqs:
+                    _MPI.Request.Waitall(self._reqs)
                 self._complete(status)
-        self._run_callbacks()
+        if self._callbacks:
+            self._run_callbacks()
         return self
 
     def wait_or_wake(self, wakeup: Wakeup) -> bool:
         """`wait()`, unless `wakeup` fires first: then return False (still pending)."""
-        if self._done:
+        if self._done or self.agreed is False:
             return True
         with self._lock:
-            if not self._done:
-                MPI = _mpi()
+            if not self._done and self.agreed is not False:
+                if self.agreed is None:
+                    if not wakeup.wait(self._check[0]):
+                        return False
+                    if not self._settle_check():
+                        return True
                 if len(self._reqs) == 1:
-                    status = MPI.Status()
+                    status = _MPI.Status() if self._status else None
                     if not wakeup.wait(self._reqs[0], status):
                         return False
                 else:
                     status = None
+                    REQUEST_NULL = _MPI.REQUEST_NULL
                     for req in self._reqs:  # a completed one is MPI_REQUEST_NULL
-                        if req != MPI.REQUEST_NULL and not wakeup.wait(req):
+                        if req != REQUEST_NULL and not wakeup.wait(req):
                             return False
                 self._complete(status)
-        self._run_callbacks()
+        if self._callbacks:
+            self._run_callbacks()
         return True
 
     def test(self) -> bool:
+        """Poll: True once complete (or, with a check, once the ranks disagree)."""
         return self._poll() is True
 
     def cancel(self) -> None:
@@ -484,57 +659,66 @@ class Request:
             if any(st.Is_cancelled() for st in statuses):
                 # Nothing arrived: no completion work (it would copy garbage back), no
                 # callbacks.
-                self._staged, self._callbacks, self._done = (), [], True
-                _progress.forget(self)
+                self._staged, self._buffers, self._callbacks, self._done = (), None, None, True
                 return
             self._complete(statuses[0] if len(statuses) == 1 else None)
         self._run_callbacks()
 
     def _poll(self) -> bool | None:
-        """True: complete (completion work done); False: tested, not complete; None:
-        another thread holds the request (waiting on it or completing it)."""
-        if self._done:
+        """True: complete (completion work done), or the ranks disagree; False: tested,
+        not complete; None: another thread holds the request (waiting on it or
+        completing it)."""
+        if self._done or self.agreed is False:
             return True
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            if not self._done:
-                MPI = _mpi()
-                status = MPI.Status() if len(self._reqs) == 1 else None
-                if status is not None:
+            if not self._done and self.agreed is not False:
+                if self.agreed is None:
+                    if not self._check[0].Test():
+                        return False
+                    if not self._settle_check():
+                        return True
+                status = _MPI.Status() if self._status else None
+                if len(self._reqs) == 1:
                     finished = self._reqs[0].Test(status)
                 else:
-                    finished = MPI.Request.Testall(self._reqs)
+                    finished = _MPI.Request.Testall(self._reqs)
                 if not finished:
                     return False
                 self._complete(status)
         finally:
             self._lock.release()
-        self._run_callbacks()
+        if self._callbacks:
+            self._run_callbacks()
         return True
 
     def _complete(self, status) -> None:
         if status is not None:
             self.source = status.Get_source()
-            self.nbytes = status.Get_count(_mpi().BYTE)
-        for s in self._staged:
-            s.finish()
-        self._staged = ()
+            self.nbytes = status.Get_count(_MPI.BYTE)
+        if self._staged:
+            for s in self._staged:
+                s.finish()
+            self._staged = ()
+        # A completed request may stay referenced a while (the progress ring, a Work):
+        # it keeps nothing else alive.
+        self._buffers = None
+        self._reqs = ()
         # Callbacks run before the request counts as done (the caller holds the lock, a
         # reentrant one, so a callback may add callbacks): whoever sees it done, e.g. a
         # wait() returning early because the progress thread completed it, also sees their
         # effects (the received-bytes count).
         while self._callbacks:
-            callbacks, self._callbacks = self._callbacks, []
+            callbacks, self._callbacks = self._callbacks, None
             for fn in callbacks:
                 fn()
         self._done = True
-        _progress.forget(self)
 
     def _run_callbacks(self) -> None:
         with self._lock:
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
             fn()
 
 
@@ -546,6 +730,53 @@ def wait_all(requests: Iterable[Request]) -> None:
 
 # --------------------------------------------------------------------------------------
 # Communicator
+
+
+class _CheckSlots:
+    """Persistent MAX-allreduces (MPI_Allreduce_init) for a communicator's agreement checks
+    of the common size (a fixed-size signature, NBYTES): starting one costs a fraction of
+    posting a new MPI_Iallreduce, which every collective's check would otherwise pay.
+
+    Checks take the COUNT slots in turn, so every rank starts the same slot for the same
+    check (all ranks post a communicator's checks in the same order, as collectives).
+    Before a slot is started again, the request that used it last must have examined its
+    result: it is made to, blocking, in the rare case that it has not (COUNT checks later).
+    """
+
+    NBYTES = 128  # agreement.SIGNATURE_SLOTS (8) int64 values and their negations
+    COUNT = 32
+
+    def __init__(self, mpi_comm: Any) -> None:
+        MPI = _MPI
+        self.results = [bytearray(self.NBYTES) for _ in range(self.COUNT)]
+        self.requests = [mpi_comm.Allreduce_init(MPI.IN_PLACE, [buf, self.NBYTES >> 3,
+                                                                MPI.INT64_T], MPI.MAX)
+                         for buf in self.results]
+        self.owners: list[Request | None] = [None] * self.COUNT
+        self.next = 0
+        # MPICH warns about persistent requests left at MPI_Finalize; registered after
+        # mpi4py's finalizer, this runs before it.
+        import atexit
+
+        atexit.register(self.free)
+
+    def start(self, check: bytes) -> tuple:
+        """Start the next slot with this rank's vector: the Request's check tuple."""
+        i = self.next
+        self.next = (i + 1) % self.COUNT
+        owner = self.owners[i]
+        if owner is not None and owner.agreed is None:
+            owner._settle_check_now()
+        result = self.results[i]
+        result[:] = check
+        request = self.requests[i]
+        request.Start()
+        return request, result, check, (self, i)
+
+    def free(self) -> None:
+        requests, self.requests, self.owners = self.requests, [], []
+        for request in requests:
+            request.Free()  # (an active one is freed once it completes)
 
 
 class Communicator:
@@ -561,6 +792,7 @@ class Communicator:
         self.mpi = mpi_comm
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
+        self._check_slots: _CheckSlots | None = None
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, size={self.size})"
@@ -625,11 +857,11 @@ class Communicator:
               kind: str = "send") -> Request:
         """Send `tensor`'s bytes to `dest`. Wire bytes: exactly the tensor's bytes."""
         self._check_rank(dest, "destination")
-        staged = _stage_in(tensor)
-        nbytes = _nbytes(staged.work)
-        req = self.mpi.Isend([_buf(staged.work), nbytes, _mpi().BYTE], dest, tag)
+        work, staged = _stage_in(tensor)
+        nbytes = _nbytes(work)
+        req = self.mpi.Isend([_buf(work, nbytes), nbytes, _mpi().BYTE], dest, tag)
         wire.add(kind, nbytes)
-        return Request([req], (staged,))
+        return Request([req], staged, buffers=work)
 
     def irecv(self, tensor: torch.Tensor, source: int = ANY_SOURCE, tag: int = ANY_TAG, *,
               kind: str = "recv") -> Request:
@@ -637,85 +869,93 @@ class Communicator:
         default); after completion `req.source` and `req.nbytes` tell who sent how much."""
         if source != ANY_SOURCE:
             self._check_rank(source, "source")
-        staged = _stage_out(tensor)
-        nbytes = _nbytes(staged.work)
+        work, staged = _stage_out(tensor)
+        nbytes = _nbytes(work)
         MPI = _mpi()
-        req = self.mpi.Irecv([_buf(staged.work), nbytes, MPI.BYTE],
+        req = self.mpi.Irecv([_buf(work, nbytes), nbytes, MPI.BYTE],
                              MPI.ANY_SOURCE if source == ANY_SOURCE else source,
                              MPI.ANY_TAG if tag == ANY_TAG else tag)
-        request = Request([req], (staged,))
+        request = Request([req], staged, buffers=work, status=True)
         request.add_done_callback(lambda: wire.add_received(kind, request.nbytes or 0))
         return request
 
     # -- collectives ------------------------------------------------------------------
 
     def iallreduce(self, tensor: torch.Tensor, op: str = "sum", *,
-                   kind: str = "all_reduce") -> Request:
+                   kind: str = "all_reduce", check: bytes | None = None) -> Request:
         """In place: every rank ends with the reduction over ranks.
         Wire bytes per rank: 2(P-1)/P * B (B = bytes of the reduced, possibly upcast, data)."""
-        staged = _stage_out(tensor, reduce=True)
-        work = staged.work
-        mpi_op = _mpi_op(op, work.dtype)
+        mpi_op, datatype, upcast = _mpi_op(op, tensor.dtype)
+        if not upcast and tensor.is_cpu and tensor.is_contiguous():
+            work, staged = tensor, ()  # (the common case, spared _stage's dtype lookups)
+        else:
+            work, staged = _stage_out(tensor, reduce=True)
         if self.size == 1:
-            return Request.completed((staged,))
-        B = _nbytes(work)
-        req = self.mpi.Iallreduce(_mpi().IN_PLACE, [_buf(work), work.numel(),
-                                                    _mpi_datatype(work.dtype)], mpi_op)
+            return Request.completed(staged)
+        n = work.numel()
+        B = n * work.element_size()
+        token = self._post_check(check)
+        req = self.mpi.Iallreduce(_MPI.IN_PLACE, [_MPI.buffer.fromaddress(work.data_ptr(), B),
+                                                  n, datatype], mpi_op)
         wire.add(kind, 2 * (self.size - 1) * B // self.size)
-        return Request([req], (staged,))
+        return Request([req], staged, buffers=work, check=token)
 
-    def ibroadcast(self, tensor: torch.Tensor, root: int, *, kind: str = "broadcast") -> Request:
+    def ibroadcast(self, tensor: torch.Tensor, root: int, *, kind: str = "broadcast", check: bytes | None = None) -> Request:
         """In place: every rank ends with root's tensor. Wire bytes: (P-1)/P * B."""
         self._check_rank(root, "root")
-        staged = _stage_out(tensor)
+        work, staged = _stage_out(tensor)
         if self.size == 1:
-            return Request.completed((staged,))
-        B = _nbytes(staged.work)
-        req = self.mpi.Ibcast([_buf(staged.work), B, _mpi().BYTE], root)
+            return Request.completed(staged)
+        B = _nbytes(work)
+        token = self._post_check(check)
+        req = self.mpi.Ibcast([_buf(work, B), B, _mpi().BYTE], root)
         wire.add(kind, (self.size - 1) * B // self.size)
-        return Request([req], (staged,))
+        return Request([req], staged, buffers=work, check=token)
 
     def ireduce(self, tensor: torch.Tensor, root: int, op: str = "sum", *,
-                kind: str = "reduce") -> Request:
+                kind: str = "reduce", check: bytes | None = None) -> Request:
         """In place on root: root ends with the reduction; other ranks' tensors are unchanged.
         Wire bytes: (P-1)/P * B."""
         self._check_rank(root, "root")
         MPI = _mpi()
-        staged = _Staged(tensor, reduce=True, writeback=self.rank == root)
-        work = staged.work
-        mpi_op = _mpi_op(op, work.dtype)
+        work, staged = _stage(tensor, True, self.rank == root)
+        mpi_op, datatype, _ = _mpi_op(op, tensor.dtype)
         if self.size == 1:
-            return Request.completed((staged,))
-        spec = [_buf(work), work.numel(), _mpi_datatype(work.dtype)]
+            return Request.completed(staged)
+        B = _nbytes(work)
+        spec = [_buf(work, B), work.numel(), datatype]
+        token = self._post_check(check)
         if self.rank == root:
             req = self.mpi.Ireduce(MPI.IN_PLACE, spec, mpi_op, root)
         else:
             req = self.mpi.Ireduce(spec, None, mpi_op, root)
-        wire.add(kind, (self.size - 1) * _nbytes(work) // self.size)
-        return Request([req], (staged,))
+        wire.add(kind, (self.size - 1) * B // self.size)
+        return Request([req], staged, buffers=work, check=token)
 
     def iallgather(self, inp: torch.Tensor, out: torch.Tensor, *,
-                   kind: str = "all_gather") -> Request:
+                   kind: str = "all_gather", check: bytes | None = None) -> Request:
         """out = concatenation over ranks of inp (rank-major). out.numel() == P*inp.numel().
         Wire bytes: (P-1)/P * bytes(out)."""
         self._check_same_dtype(inp, out)
         if out.numel() != self.size * inp.numel():
             raise ValueError(f"all_gather output has {out.numel()} elements, expected "
                              f"{self.size} x {inp.numel()}")
-        sin, sout = _stage_in(inp), _stage_out(out)
+        win, sin = _stage_in(inp)
+        wout, sout = _stage_out(out)
         if self.size == 1:
-            sout.work.view(-1).copy_(sin.work.view(-1))
-            return Request.completed((sin, sout))
+            wout.view(-1).copy_(win.view(-1))
+            return Request.completed(sin + sout)
         # Equal blocks: MPI_Iallgather, without the v-variant's count and offset lists.
-        nbytes = _nbytes(sin.work)
+        nbytes = _nbytes(win)
         BYTE = _mpi().BYTE
-        req = self.mpi.Iallgather([_buf(sin.work), nbytes, BYTE],
-                                  [_buf(sout.work), nbytes, BYTE])
-        wire.add(kind, (self.size - 1) * _nbytes(out) // self.size)
-        return Request([req], (sin, sout))
+        token = self._post_check(check)
+        req = self.mpi.Iallgather([_buf(win, nbytes), nbytes, BYTE],
+                                  [_buf(wout, nbytes * self.size), nbytes, BYTE])
+        wire.add(kind, (self.size - 1) * nbytes)
+        return Request([req], sin + sout, buffers=(win, wout), check=token)
 
     def iallgatherv(self, inp: torch.Tensor, out: torch.Tensor, counts: Sequence[int], *,
-                    kind: str = "all_gather") -> Request:
+                    kind: str = "all_gather", check: bytes | None = None) -> Request:
         """out = concatenation of every rank's inp, rank r contributing counts[r] elements.
         Wire bytes: (P-1)/P * bytes(out)."""
         self._check_same_dtype(inp, out)
@@ -723,38 +963,42 @@ class Communicator:
         if counts[self.rank] != inp.numel() or sum(counts) != out.numel():
             raise ValueError(f"all_gather counts {counts} do not match input {inp.numel()} "
                              f"/ output {out.numel()} elements")
-        sin, sout = _stage_in(inp), _stage_out(out)
+        win, sin = _stage_in(inp)
+        wout, sout = _stage_out(out)
         if self.size == 1:
-            sout.work.view(-1).copy_(sin.work.view(-1))
-            return Request.completed((sin, sout))
+            wout.view(-1).copy_(win.view(-1))
+            return Request.completed(sin + sout)
         es = inp.element_size()
         bcounts = [c * es for c in counts]
         displs = np.cumsum([0] + bcounts[:-1]).tolist()
         BYTE = _mpi().BYTE
-        req = self.mpi.Iallgatherv([_buf(sin.work), bcounts[self.rank], BYTE],
-                                   [_buf(sout.work), bcounts, displs, BYTE])
+        token = self._post_check(check)
+        req = self.mpi.Iallgatherv([_buf(win), bcounts[self.rank], BYTE],
+                                   [_buf(wout), bcounts, displs, BYTE])
         wire.add(kind, (self.size - 1) * _nbytes(out) // self.size)
-        return Request([req], (sin, sout))
+        return Request([req], sin + sout, buffers=(win, wout), check=token)
 
     def ireduce_scatter(self, inp: torch.Tensor, out: torch.Tensor, op: str = "sum", *,
-                        kind: str = "reduce_scatter") -> Request:
+                        kind: str = "reduce_scatter", check: bytes | None = None) -> Request:
         """out = rank r's block of the reduction of inp; inp.numel() == P*out.numel().
         Wire bytes: (P-1)/P * B(inp) (B after any upcast)."""
         self._check_same_dtype(inp, out)
-        if inp.numel() != self.size * out.numel():
-            raise ValueError(f"reduce_scatter input has {inp.numel()} elements, expected "
-                             f"{self.size} x {out.numel()}")
-        sin, sout = _stage_in(inp, reduce=True), _stage_out(out, reduce=True)
-        mpi_op = _mpi_op(op, sin.work.dtype)
-        if self.size == 1:
-            sout.work.view(-1).copy_(sin.work.view(-1))
-            return Request.completed((sin, sout))
-        dt = _mpi_datatype(sin.work.dtype)
         n = out.numel()
-        req = self.mpi.Ireduce_scatter_block([_buf(sin.work), n, dt],
-                                             [_buf(sout.work), n, dt], mpi_op)
-        wire.add(kind, (self.size - 1) * _nbytes(sin.work) // self.size)
-        return Request([req], (sin, sout))
+        if inp.numel() != self.size * n:
+            raise ValueError(f"reduce_scatter input has {inp.numel()} elements, expected "
+                             f"{self.size} x {n}")
+        win, sin = _stage_in(inp, reduce=True)
+        wout, sout = _stage_out(out, reduce=True)
+        mpi_op, dt, _ = _mpi_op(op, inp.dtype)
+        if self.size == 1:
+            wout.view(-1).copy_(win.view(-1))
+            return Request.completed(sin + sout)
+        B = _nbytes(win)
+        token = self._post_check(check)
+        req = self.mpi.Ireduce_scatter_block([_buf(win, B), n, dt],
+                                             [_buf(wout, B // self.size), n, dt], mpi_op)
+        wire.add(kind, (self.size - 1) * B // self.size)
+        return Request([req], sin + sout, buffers=(win, wout), check=token)
 
     def ialltoall(self, inp: torch.Tensor, out: torch.Tensor, *,
                   kind: str = "all_to_all") -> Request:
@@ -766,7 +1010,7 @@ class Communicator:
         return self.ialltoallv(inp, out, counts, counts, kind=kind)
 
     def ialltoallv(self, inp: torch.Tensor, out: torch.Tensor, send_counts: Sequence[int],
-                   recv_counts: Sequence[int], *, kind: str = "all_to_all") -> Request:
+                   recv_counts: Sequence[int], *, kind: str = "all_to_all", check: bytes | None = None) -> Request:
         """Uneven all-to-all: send_counts[r] elements of inp (in order) go to rank r,
         recv_counts[s] elements from rank s land in out (in order).
         Wire bytes: the bytes addressed to other ranks."""
@@ -779,63 +1023,90 @@ class Communicator:
         if sum(recv_counts) != out.numel():
             raise ValueError(f"all_to_all recv counts {recv_counts} add up to "
                              f"{sum(recv_counts)}, but the output has {out.numel()} elements")
-        sin, sout = _stage_in(inp), _stage_out(out)
+        win, sin = _stage_in(inp)
+        wout, sout = _stage_out(out)
         es = inp.element_size()
         sb = [c * es for c in send_counts]
         rb = [c * es for c in recv_counts]
         sd = np.cumsum([0] + sb[:-1]).tolist()
         rd = np.cumsum([0] + rb[:-1]).tolist()
         BYTE = _mpi().BYTE
-        req = self.mpi.Ialltoallv([_buf(sin.work), sb, sd, BYTE], [_buf(sout.work), rb, rd, BYTE])
+        token = self._post_check(check)
+        req = self.mpi.Ialltoallv([_buf(win), sb, sd, BYTE], [_buf(wout), rb, rd, BYTE])
         wire.add(kind, sum(sb) - sb[self.rank])
-        return Request([req], (sin, sout))
+        return Request([req], sin + sout, buffers=(win, wout), check=token)
 
     def igather(self, inp: torch.Tensor, out: torch.Tensor | None, root: int, *,
-                kind: str = "gather") -> Request:
+                kind: str = "gather", check: bytes | None = None) -> Request:
         """Root's out = concatenation of every rank's inp (out is ignored elsewhere).
         Wire bytes: bytes(inp) on every rank but root."""
         self._check_rank(root, "root")
-        sin = _stage_in(inp)
-        staged = [sin]
+        win, staged = _stage_in(inp)
         BYTE = _mpi().BYTE
-        B = _nbytes(sin.work)
+        B = _nbytes(win)
         recv = None
         if self.rank == root:
             if out is None or out.numel() != self.size * inp.numel():
                 raise ValueError(f"gather root needs an output of {self.size} x {inp.numel()} "
                                  "elements")
             self._check_same_dtype(inp, out)
-            sout = _stage_out(out)
-            staged.append(sout)
-            recv = [_buf(sout.work), B, BYTE]
-        req = self.mpi.Igather([_buf(sin.work), B, BYTE], recv, root)
+            wout, sout = _stage_out(out)
+            staged += sout
+            recv = [_buf(wout), B, BYTE]
+        token = self._post_check(check)
+        req = self.mpi.Igather([_buf(win), B, BYTE], recv, root)
         wire.add(kind, 0 if self.rank == root else B)
-        return Request([req], staged)
+        return Request([req], staged, buffers=(inp, out), check=token)
 
     def iscatter(self, inp: torch.Tensor | None, out: torch.Tensor, root: int, *,
-                 kind: str = "scatter") -> Request:
+                 kind: str = "scatter", check: bytes | None = None) -> Request:
         """Every rank's out = block r of root's inp (inp is ignored elsewhere).
         Wire bytes: (P-1) * bytes(out) on root, 0 elsewhere."""
         self._check_rank(root, "root")
-        sout = _stage_out(out)
-        staged = [sout]
+        wout, staged = _stage_out(out)
         BYTE = _mpi().BYTE
-        B = _nbytes(sout.work)
+        B = _nbytes(wout)
         send = None
         if self.rank == root:
             if inp is None or inp.numel() != self.size * out.numel():
                 raise ValueError(f"scatter root needs an input of {self.size} x {out.numel()} "
                                  "elements")
             self._check_same_dtype(inp, out)
-            sin = _stage_in(inp)
-            staged.append(sin)
-            send = [_buf(sin.work), B, BYTE]
-        req = self.mpi.Iscatter(send, [_buf(sout.work), B, BYTE], root)
+            win, sin = _stage_in(inp)
+            staged += sin
+            send = [_buf(win), B, BYTE]
+        token = self._post_check(check)
+        req = self.mpi.Iscatter(send, [_buf(wout), B, BYTE], root)
         wire.add(kind, (self.size - 1) * B if self.rank == root else 0)
-        return Request([req], staged)
+        return Request([req], staged, buffers=(inp, out), check=token)
 
-    def ibarrier(self) -> Request:
-        return Request([self.mpi.Ibarrier()])
+    def ibarrier(self, *, check: bytes | None = None) -> Request:
+        token = self._post_check(check)
+        return Request([self.mpi.Ibarrier()], check=token)
+
+    def iagree(self, check: bytes) -> Request:
+        """Post agreement vector `check` alone: a request that completes when every rank
+        has posted its own; then `agreed` says whether all were equal (see Request)."""
+        if self.size == 1:
+            req = Request.completed()
+            return req
+        return Request([], check=self._post_check(check))
+
+    def _post_check(self, check: bytes | None) -> tuple | None:
+        """Post agreement vector `check` (its bytes: int64 values, see
+        `commrt.transports.agreement`) as a MAX-allreduce, just ahead of an operation's
+        data; None for no check (or a single rank). Wire bytes: len(check) (counted as
+        control traffic, not under a kind)."""
+        if check is None or self.size == 1:
+            return None
+        if len(check) == _CheckSlots.NBYTES:
+            slots = self._check_slots
+            if slots is None:  # (collective: every rank posts its first check in step)
+                slots = self._check_slots = _CheckSlots(self.mpi)
+            return slots.start(check)
+        result = bytearray(check)  # one per check: several may be in flight at once
+        return (self.mpi.Iallreduce(_MPI.IN_PLACE, [result, len(check) >> 3, _MPI.INT64_T],
+                                    _MPI.MAX), result, check, None)
 
     def barrier(self) -> None:
         self.mpi.Barrier()
@@ -876,6 +1147,9 @@ class Communicator:
 
     def free(self) -> None:
         """Release the MPI communicator (collective over its ranks; not for the world)."""
+        if self._check_slots is not None:
+            self._check_slots.free()
+            self._check_slots = None
         self.mpi.Free()
 
     def abort(self, code: int = 1) -> None:

@@ -2,13 +2,15 @@
 
 Every operation takes one path, `CommrtProcessGroup._post`: complete pending futures (see
 work.py), run the op's local argument checks, number it in its group (`seq`), post the
-cross-rank agreement check (`commrt.transports.agreement`), post the data, and wrap both
-in a `CommrtWork` (joining a coalescing block if one is open).
+data with the cross-rank agreement check travelling just ahead of it (the transport's
+``check=``, `commrt.transports.agreement`), and wrap the requests in a `CommrtWork`
+(joining a coalescing block if one is open).
 
 Agreement (the switch is torch's ``TORCH_DISTRIBUTED_DEBUG``, read when a group is made):
 
 - default (``OFF``/``INFO``): the check is posted non-blocking just before the data, on
-  the same communicator, and examined first when the Work completes. A disagreement (or a
+  the same communicator, by the data's first transport request, which waits for it
+  first. A disagreement (or a
   local argument error on some rank) raises ValueError on every rank at ``wait()``. The
   data collective was posted with mismatched arguments and cannot be cancelled (MPI), so
   the group is then unusable: its later operations raise RuntimeError naming the failed
@@ -30,8 +32,7 @@ import torch
 import torch.distributed as dist
 
 from commrt import transports as T
-from commrt.transports.agreement import (SignatureCheck, TableCheck, debug_detail,
-                                         encode_signature)
+from commrt.transports.agreement import TableCheck, debug_detail, encode_signature
 
 from .validation import (SUPPORTED_DEVICES, agreement_error, check_tensor, group_rank,
                          reduction, row_numel, same_dtype, same_pair_dtype, single, splits)
@@ -47,11 +48,13 @@ P2P_OPS = frozenset(("send", "recv"))
 # Operations whose agreement all-gathers every rank's splits (they must match pairwise).
 TABLE_OPS = frozenset(("all_to_all", "all_to_all_single"))
 
-# A launch returns (requests, output tensors, what to run once the requests complete).
+# A launch, given the operation's agreement vector (None: none), posts the data with that
+# check on its first request and returns (requests, output tensors, what to run once the
+# requests complete).
 Launched = tuple[Sequence[Any], list, "Callable[[], None] | None"]
 
-_REJECTED = encode_signature(None)
-_encoded: dict[tuple, Any] = {}
+_REJECTED = encode_signature(None).tobytes()
+_encoded: dict[tuple, bytes] = {}  # signature -> its check vector
 
 
 def _flat_copy(tensors: Sequence[torch.Tensor], dtype: torch.dtype,
@@ -80,12 +83,15 @@ def _unaliased(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return inp
 
 
-def _join(launches: Sequence[Callable[[], Launched]], result: list) -> Launched:
-    """Launch several parts as one operation (the *_coalesced variants)."""
+def _join(launches: Sequence[Callable[..., Launched]], result: list,
+          check: bytes | None) -> Launched:
+    """Launch several parts as one operation (the *_coalesced variants); the first part
+    carries the operation's agreement check."""
     requests: list = []
     finishes: list = []
     for launch in launches:
-        reqs, _, finish = launch()
+        reqs, _, finish = launch(check)
+        check = None
         requests.extend(reqs)
         if finish is not None:
             finishes.append(finish)
@@ -218,72 +224,79 @@ class CommrtProcessGroup(dist.ProcessGroup):
 
     def _post(self, op: str, prepare: Callable[..., tuple], *args: Any) -> CommrtWork:
         """Post operation `op`: ``prepare(*args)`` runs the local checks and returns
-        (signature, launch); launch() posts the data and returns (requests, outputs,
-        finish)."""
+        (signature, launch); ``launch(check)`` posts the data, with the agreement vector
+        `check` on its first request, and returns (requests, outputs, finish)."""
         if completer.queue and not completer.in_callback():
             completer.settle()
         if self._broken is not None:
             raise RuntimeError(self._broken)
         try:
             signature, launch = prepare(*args)
-            error = None
         except (ValueError, TypeError) as exc:
-            signature, launch, error = None, None, exc
-        check = None
+            raise self._rejected(op, exc) from None
         if op in P2P_OPS:
             self._p2p_seq += 1
-            seq = self._p2p_seq
-            if error is not None:
-                raise error
+            work = CommrtWork(*launch(None), op, self._p2p_seq, signature, self)
         else:
             self._seq += 1
-            seq = self._seq
-            if self._size > 1:
-                check = self._agree(op, signature, error)
-            elif error is not None:
-                raise error
-        requests, result, finish = launch()
-        work = CommrtWork(requests, result, finish, op, seq, signature, self, check)
+            if self._size == 1:
+                work = CommrtWork(*launch(None), op, self._seq, signature, self)
+            elif op in TABLE_OPS:
+                check = self._settled(TableCheck(self.communicator, _table_code(signature),
+                                                 signature[-2], signature[-1], rejected=False),
+                                      op, signature)
+                work = CommrtWork(*launch(None), op, self._seq, signature, self, check)
+            else:
+                expected = _encoded.get(signature)
+                if expected is None:
+                    expected = encode_signature(signature).tobytes()
+                    if len(_encoded) < 4096:
+                        _encoded[signature] = expected
+                if self._detail:
+                    self._settled(self.communicator.iagree(expected), op, signature)
+                    work = CommrtWork(*launch(None), op, self._seq, signature, self)
+                else:
+                    requests, result, finish = launch(expected)
+                    if not requests:  # nothing to send (an empty list): the check alone
+                        requests = (self.communicator.iagree(expected),)
+                    # The first request carries the check (see Request.agreed).
+                    work = CommrtWork(requests, result, finish, op, self._seq, signature,
+                                      self, requests[0])
         self.last_posted = work  # what the watchdog publishes as this rank's progress
         if self._coalescing is not None:
             self._coalescing.append(work)
         return work
 
-    def _agree(self, op: str, signature: tuple | None, error: BaseException | None) -> Any:
-        """Post the agreement check of collective `op` (see the module docstring); return
-        it, or None where it has been settled already (DETAIL). Raises `error` (this
-        rank's own) or, under DETAIL, the disagreement, on every rank."""
+    def _settled(self, check: Any, op: str, signature: tuple) -> Any:
+        """`check` (posted), or, under DETAIL, None once it has been waited for and agreed
+        (raises the disagreement on every rank): see the module docstring."""
+        if not self._detail:
+            return check
+        self._wait_check(check, op, signature)
+        if not check.agreed:
+            raise agreement_error(op, signature, check)
+        return None
+
+    def _rejected(self, op: str, error: BaseException) -> BaseException:
+        """This rank rejected the arguments of `op`: return `error` to raise. A collective's
+        check is still posted (flag set) and waited for, since the other ranks' checks
+        match it (posted before any data); if every rank rejected, nobody posted data and
+        the group stays in step, otherwise it is unusable (see the module docstring)."""
+        if op in P2P_OPS:
+            self._p2p_seq += 1
+            return error
+        self._seq += 1
+        if self._size == 1:
+            return error
         comm = self.communicator
-        if op in TABLE_OPS:
-            if error is None:
-                check = TableCheck(comm, _table_code(signature), signature[-2], signature[-1],
-                                   rejected=False)
-            else:
-                check = TableCheck(comm, 0, (), (), rejected=True)
-        elif error is None:
-            expected = _encoded.get(signature)
-            if expected is None:
-                expected = encode_signature(signature)
-                if len(_encoded) < 4096:
-                    _encoded[signature] = expected
-            check = SignatureCheck(comm, expected)
-        else:
-            check = SignatureCheck(comm, _REJECTED)
-        if error is not None:
-            # Wait: the check is matched by the others' (posted before any data). If every
-            # rank rejected, nobody posted data and the group stays in step.
-            self._wait_check(check, op, signature)
-            if not (self._detail or check.all_rejected):
-                self._broken = (f"commrt: group {self._group_name!r} is unusable: this rank "
-                                f"rejected the arguments of {op} #{self._seq} ({error}) while "
-                                "other ranks posted it; MPI cannot cancel a posted collective")
-            raise error
-        if self._detail:
-            self._wait_check(check, op, signature)
-            if not check.agreed:
-                raise agreement_error(op, signature, check)
-            return None
-        return check
+        check = TableCheck(comm, 0, (), (), rejected=True) if op in TABLE_OPS else \
+            comm.iagree(_REJECTED)
+        self._wait_check(check, op, None)
+        if not (self._detail or check.all_rejected):
+            self._broken = (f"commrt: group {self._group_name!r} is unusable: this rank "
+                            f"rejected the arguments of {op} #{self._seq} ({error}) while "
+                            "other ranks posted it; MPI cannot cancel a posted collective")
+        return error
 
     def _wait_check(self, check: Any, op: str, signature: tuple | None) -> None:
         """Wait for a check posted ahead of its data, timed like the operation itself: a
@@ -292,14 +305,15 @@ class CommrtProcessGroup(dist.ProcessGroup):
 
     # -- reductions -------------------------------------------------------------------
 
-    def _launch_allreduce(self, ts: list[torch.Tensor], red: str, average: bool) -> Launched:
+    def _launch_allreduce(self, ts: list[torch.Tensor], red: str, average: bool,
+                          check: bytes | None) -> Launched:
         size = self._size
         if len(ts) == 1:
             t = ts[0]
-            req = self.communicator.iallreduce(t, red, kind="all_reduce")
+            req = self.communicator.iallreduce(t, red, kind="all_reduce", check=check)
             return (req,), ts, (lambda: t.div_(size)) if average and size > 1 else None
         flat = _flat_copy(ts, ts[0].dtype, ts[0].device)
-        req = self.communicator.iallreduce(flat, red, kind="all_reduce")
+        req = self.communicator.iallreduce(flat, red, kind="all_reduce", check=check)
 
         def finish() -> None:
             if average and size > 1:
@@ -308,17 +322,23 @@ class CommrtProcessGroup(dist.ProcessGroup):
         return (req,), ts, finish
 
     def _prepare_allreduce(self, tensors: list[torch.Tensor], opts: Any, op: str) -> tuple:
+        if len(tensors) == 1:  # (the common case, without a list's worth of checks)
+            t = check_tensor(tensors[0], op)
+            dtype = t.dtype
+            red, average = reduction(opts, dtype, op)
+            return (op, t.numel(), dtype, red, average), \
+                lambda check: self._launch_allreduce(tensors, red, average, check)
+        if op == "all_reduce":
+            raise ValueError(f"commrt {op}: expected exactly one tensor per rank, got "
+                             f"{len(tensors)}")
+        if not tensors:
+            return (op,), lambda check: ((), [], None)
         ts = [check_tensor(t, op) for t in tensors]
-        if op == "all_reduce" and len(ts) != 1:
-            raise ValueError(f"commrt {op}: expected exactly one tensor per rank, got {len(ts)}")
-        if not ts:
-            return (op,), lambda: ((), [], None)
         dtype = ts[0].dtype
         same_dtype(ts, dtype, op)
         red, average = reduction(opts, dtype, op)
-        numels = ts[0].numel() if len(ts) == 1 else tuple(t.numel() for t in ts)
-        return (op, numels, dtype, red, average), \
-            lambda: self._launch_allreduce(ts, red, average)
+        return (op, tuple(t.numel() for t in ts), dtype, red, average), \
+            lambda check: self._launch_allreduce(ts, red, average, check)
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> CommrtWork:
         return self._post("all_reduce", self._prepare_allreduce, tensors, opts, "all_reduce")
@@ -334,8 +354,8 @@ class CommrtProcessGroup(dist.ProcessGroup):
         root = group_rank(getattr(opts, "rootRank", 0), self._size, "reduce", "root")
         size = self._size
 
-        def launch() -> Launched:
-            req = self.communicator.ireduce(t, root, red)
+        def launch(check: bytes | None) -> Launched:
+            req = self.communicator.ireduce(t, root, red, check=check)
             finish = None
             if average and self._rank == root and size > 1:
                 finish = lambda: t.div_(size)  # noqa: E731
@@ -349,7 +369,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
         t = single(tensors, "broadcast")
         root = group_rank(getattr(opts, "rootRank", 0), self._size, "broadcast", "root")
         return ("broadcast", t.numel(), t.dtype, root), \
-            lambda: ((self.communicator.ibroadcast(t, root),), [t], None)
+            lambda check: ((self.communicator.ibroadcast(t, root, check=check),), [t], None)
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> CommrtWork:
         return self._post("broadcast", self._prepare_broadcast, tensors, opts)
@@ -373,9 +393,10 @@ class CommrtProcessGroup(dist.ProcessGroup):
             raise ValueError(f"commrt {op}: the input has {inp.numel()} elements but this "
                              f"rank's output slot has {counts[self._rank]}")
 
-        def launch() -> Launched:
+        def launch(check: bytes | None) -> Launched:
             flat = torch.empty(sum(counts), dtype=inp.dtype, device=inp.device)
-            req = self.communicator.iallgatherv(inp, flat, counts, kind="all_gather")
+            req = self.communicator.iallgatherv(inp, flat, counts, kind="all_gather",
+                                                check=check)
             return (req,), output_tensors, lambda: _scatter_back(flat, outputs)
         return (op, inp.dtype, tuple(counts)), launch
 
@@ -397,7 +418,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
         if not ins:
             if any(len(lst) for lst in output_lists):
                 raise ValueError(f"commrt {op}: output tensors for no inputs")
-            return (op,), lambda: ((), output_lists, None)
+            return (op,), lambda check: ((), output_lists, None)
         dtype = ins[0].dtype
         same_dtype(ins, dtype, op)
         numels = [t.numel() for t in ins]
@@ -414,10 +435,11 @@ class CommrtProcessGroup(dist.ProcessGroup):
                                      f"{numels[i]} (like input {i})")
                 outs.append(o)
 
-        def launch() -> Launched:
+        def launch(check: bytes | None) -> Launched:
             flat_in = _flat_copy(ins, dtype, ins[0].device)
             flat_out = torch.empty(P * flat_in.numel(), dtype=dtype, device=ins[0].device)
-            req = self.communicator.iallgather(flat_in, flat_out, kind="all_gather")
+            req = self.communicator.iallgather(flat_in, flat_out, kind="all_gather",
+                                               check=check)
             return (req,), output_lists, lambda: _scatter_back(flat_out, outs)
         return (op, dtype, tuple(numels)), launch
 
@@ -434,8 +456,9 @@ class CommrtProcessGroup(dist.ProcessGroup):
         if output.numel() != self._size * inp.numel():
             raise ValueError(f"commrt {op}: the output has {output.numel()} elements, "
                              f"expected world size {self._size} x input {inp.numel()}")
-        return (op, inp.dtype, inp.numel()), lambda: (
-            (self.communicator.iallgather(_unaliased(inp, output), output, kind="all_gather"),),
+        return (op, inp.dtype, inp.numel()), lambda check: (
+            (self.communicator.iallgather(_unaliased(inp, output), output, kind="all_gather",
+                                          check=check),),
             [output], None)
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,  # noqa: A002
@@ -453,7 +476,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
             raise ValueError(f"commrt {op}: {len(outputs)} outputs for {len(inputs)} inputs")
         parts = [base(o, i, *extra, op) for o, i in zip(outputs, inputs)]
         signature = (op, *(p[0][1:] for p in parts))
-        return signature, lambda: _join([p[1] for p in parts], list(outputs))
+        return signature, lambda check: _join([p[1] for p in parts], list(outputs), check)
 
     def all_gather_single_coalesced(self, outputs: list[torch.Tensor],
                                     inputs: list[torch.Tensor], opts: Any = None) -> CommrtWork:
@@ -481,11 +504,11 @@ class CommrtProcessGroup(dist.ProcessGroup):
         elif output_tensors and any(output_tensors):
             raise ValueError("commrt gather: only the root passes output tensors")
 
-        def launch() -> Launched:
+        def launch(check: bytes | None) -> Launched:
             flat = None
             if self._rank == root:
                 flat = torch.empty(self._size * inp.numel(), dtype=inp.dtype, device=inp.device)
-            req = self.communicator.igather(inp, flat, root)
+            req = self.communicator.igather(inp, flat, root, check=check)
             return (req,), outs, (lambda: _scatter_back(flat, outs)) if flat is not None else None
         return ("gather", inp.dtype, inp.numel(), root), launch
 
@@ -511,9 +534,9 @@ class CommrtProcessGroup(dist.ProcessGroup):
         elif input_tensors and any(input_tensors):
             raise ValueError("commrt scatter: only the root passes input tensors")
 
-        def launch() -> Launched:
+        def launch(check: bytes | None) -> Launched:
             flat = _flat_copy(ins, out.dtype, out.device) if ins else None
-            return (self.communicator.iscatter(flat, out, root),), [out], None
+            return (self.communicator.iscatter(flat, out, root, check=check),), [out], None
         return ("scatter", out.dtype, out.numel(), root), launch
 
     def scatter(self, output_tensors: list[torch.Tensor], input_tensors: list[list[torch.Tensor]],
@@ -531,9 +554,9 @@ class CommrtProcessGroup(dist.ProcessGroup):
         red, average = reduction(opts, inp.dtype, op)
         size = self._size
 
-        def launch() -> Launched:
+        def launch(check: bytes | None) -> Launched:
             req = self.communicator.ireduce_scatter(_unaliased(inp, output), output, red,
-                                                    kind="reduce_scatter")
+                                                    kind="reduce_scatter", check=check)
             return (req,), [output], (lambda: output.div_(size)) if average and size > 1 else None
         return (op, inp.dtype, output.numel(), red, average), launch
 
@@ -568,9 +591,9 @@ class CommrtProcessGroup(dist.ProcessGroup):
         red, average = reduction(opts, out.dtype, op)
         size = self._size
 
-        def launch() -> Launched:
+        def launch(check: bytes | None) -> Launched:
             flat = _flat_copy(ins, out.dtype, out.device)
-            req = self.communicator.ireduce_scatter(flat, out, red)
+            req = self.communicator.ireduce_scatter(flat, out, red, check=check)
             return (req,), [out], (lambda: out.div_(size)) if average and size > 1 else None
         return (op, out.dtype, out.numel(), red, average), launch
 
@@ -595,7 +618,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
         send = [s * row_in for s in splits(input_split_sizes, inp, self._size, op, "input")]
         recv = [s * row_out for s in splits(output_split_sizes, out, self._size, op, "output")]
         self._check_single_rank_splits(op, send, recv)
-        return (op, inp.dtype, row_in, tuple(send), tuple(recv)), lambda: (
+        return (op, inp.dtype, row_in, tuple(send), tuple(recv)), lambda check: (
             (self.communicator.ialltoallv(_unaliased(inp, out), out, send, recv,
                                           kind="all_to_all"),), [out], None)
 
@@ -626,7 +649,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
         recv = [t.numel() for t in outs]
         self._check_single_rank_splits(op, send, recv)
 
-        def launch() -> Launched:
+        def launch(check: None) -> Launched:  # (checked by a TableCheck)
             flat_in = _flat_copy(ins, dtype, ins[0].device)
             flat_out = torch.empty(sum(recv), dtype=dtype, device=outs[0].device)
             req = self.communicator.ialltoallv(flat_in, flat_out, send, recv, kind="all_to_all")
@@ -643,7 +666,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
         t = single(tensors, "send")
         dst = group_rank(dst, self._size, "send", "destination")
         return ("send", t.numel(), t.dtype, dst, tag), \
-            lambda: ((self.communicator.isend(t, dst, tag),), [t], None)
+            lambda check: ((self.communicator.isend(t, dst, tag),), [t], None)
 
     def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int = 0) -> CommrtWork:  # noqa: N803
         return self._post("send", self._prepare_send, tensors, dstRank, int(tag))
@@ -654,7 +677,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
             src = group_rank(src, self._size, "recv", "source")
         expected = t.numel() * t.element_size()
 
-        def launch() -> Launched:
+        def launch(check: None) -> Launched:  # (point to point: no agreement)
             req = self.communicator.irecv(t, src, tag)
 
             def finish() -> None:
@@ -674,7 +697,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
     # -- synchronisation --------------------------------------------------------------
 
     def _prepare_barrier(self) -> tuple:
-        return ("barrier",), lambda: ((self.communicator.ibarrier(),), [], None)
+        return ("barrier",), lambda check: ((self.communicator.ibarrier(check=check),), [], None)
 
     def barrier(self, opts: Any = None) -> CommrtWork:
         work = self._post("barrier", self._prepare_barrier)

@@ -119,7 +119,10 @@ def timeout_seconds(timeout: Any) -> float:
 
 
 _Work_init = dist._Work.__init__
-_new_lock = threading.Lock
+# Guards a Work's completion (finish step or failure) against another thread completing
+# it at the same time (the completer, the watchdog); one for all Works, since the finish
+# steps are short and a lock per Work costs on every call.
+_completion_lock = threading.Lock()
 _monotonic = time.monotonic
 
 
@@ -141,7 +144,7 @@ class CommrtWork(dist._Work):
     # Slots: a Work is created per call, and attribute writes on a pybind object with a
     # __dict__ cost several times more (this is on the small-message hot path).
     __slots__ = ("requests", "result_tensors", "finish", "op", "seq", "signature", "group",
-                 "check", "finished", "error", "future", "future_resolved", "queued", "lock",
+                 "check", "finished", "error", "future", "future_resolved", "queued",
                  "posted", "timeout_s")
 
     def __init__(self, requests: Sequence[Any], result: list, finish: Callable[[], None] | None,
@@ -161,7 +164,6 @@ class CommrtWork(dist._Work):
         self.future: torch.futures.Future | None = None
         self.future_resolved = False
         self.queued = False
-        self.lock = _new_lock()
         # Timeouts (watchdog.py): when it was posted, its own limit (None: the group's).
         self.posted = _monotonic()
         self.timeout_s: float | None = None
@@ -184,54 +186,58 @@ class CommrtWork(dist._Work):
 
     # -- completion -------------------------------------------------------------------
 
-    def _check_failed(self) -> bool | None:
-        """Examine the agreement check: None while it is in flight, True if the ranks
-        disagreed (the work has failed), False if they agreed."""
-        check = self.check
-        if not check.test():
-            return None
-        if check.agreed:
-            return False
-        error = agreement_error(self.op, self.signature, check)
+    def _disagreed(self) -> None:
+        """The agreement check completed and the ranks disagree: fail (the data requests,
+        ill-matched, are never waited for) and make the group refuse later operations."""
+        error = agreement_error(self.op, self.signature, self.check)
         if self.group is not None:
             self.group.mark_broken(self, error)
         self.fail(error)
-        return True
 
     def finish_requests(self, blocking: bool) -> bool:
         """Complete the operation (blocking) or poll it; True once it has completed
-        (blocking: always, having failed if it timed out)."""
+        (blocking: always, having failed if it timed out or the ranks disagreed)."""
         if self.finished:
             return True
-        waiter = watchdog.waiter() if blocking else None
-        if self.check is not None:
-            # The check was posted ahead of the data and is usually done by now: a test
-            # spares the blocking wait's bookkeeping.
-            if waiter is not None and not self.check.test() and \
-                    not self._block(self.check, waiter):
-                return True
-            failed = self._check_failed()
-            if failed is None:
-                return False
-            if failed:
-                return True
+        check = self.check
         try:
-            if waiter is not None:
-                for req in self.requests:
-                    if not self._block(req, waiter):
+            if blocking:
+                waiter = watchdog.waiter()
+                # What the watchdog sees this thread blocked in (a coalesced work blocks
+                # in its parts, which note themselves in turn).
+                outer, waiter.work = waiter.work, self
+                try:
+                    if check is not None:
+                        if not check.done and not self._block(check, waiter):
+                            return True
+                        if not check.agreed:
+                            self._disagreed()
+                            return True
+                    for req in self.requests:
+                        if not self._block(req, waiter):
+                            return True
+                finally:
+                    waiter.work = outer
+            else:
+                if check is not None:
+                    if not check.test():
+                        return False
+                    if not check.agreed:
+                        self._disagreed()
                         return True
-            elif not all(req.test() for req in self.requests):
-                return False
+                for req in self.requests:
+                    if not req.test():
+                        return False
         except BaseException as exc:  # an MPI error: delivered to wait() and the future
             self.fail(exc)
             return True
-        with self.lock:
+        with _completion_lock:
             if not self.finished:
-                try:
-                    if self.finish is not None:
+                if self.finish is not None:
+                    try:
                         self.finish()
-                except BaseException as exc:
-                    self.error = exc
+                    except BaseException as exc:
+                        self.error = exc
                 self.finished = True
         return True
 
@@ -239,18 +245,15 @@ class CommrtWork(dist._Work):
         """Block until `part` (the check, a request, a coalesced part) completes: True; or
         until this work fails meanwhile (timed out, or failed with its group): False.
         The watchdog fires the waiter's Wakeup at a deadline; the waiter then times the
-        work out itself, since it holds the request (nobody else may wait on it)."""
-        outer, waiter.work = waiter.work, self  # (a coalesced work blocks in its parts)
-        try:
-            while not part.wait_or_wake(waiter.wakeup):
-                if self.finished:
-                    return False
-                if watchdog.overdue(self, waiter) and not _settles(part):
-                    watchdog.expire(self, waiter)
-                    return False
-            return True
-        finally:
-            waiter.work = outer
+        work out itself, since it holds the request (nobody else may wait on it). The
+        caller has noted this work as the waiter's."""
+        while not part.wait_or_wake(waiter.wakeup):
+            if self.finished:
+                return False
+            if watchdog.overdue(self, waiter) and not _settles(part):
+                watchdog.expire(self, waiter)
+                return False
+        return True
 
     def wait_or_wake(self, wakeup: Any) -> bool:
         """As a part of a coalesced work: complete (blocking); raise this part's error.
@@ -261,7 +264,7 @@ class CommrtWork(dist._Work):
         return True
 
     def fail(self, exc: BaseException) -> None:
-        with self.lock:
+        with _completion_lock:
             if not self.finished:
                 self.error = exc
                 self.finished = True
@@ -286,12 +289,15 @@ class CommrtWork(dist._Work):
         """Block until the operation completes; raise its error. It times out (see
         watchdog.py: report, DistBackendError, the group unusable, the job ends after a
         grace period) at its group's timeout, or after `timeout` if that ends first."""
-        seconds = timeout_seconds(timeout)
+        # c10d passes timedelta(0) ("no timeout of the call's own"): falsy, like None.
+        seconds = timeout_seconds(timeout) if timeout else 0.0
         if seconds > 0:
             with watchdog.limit(seconds):
                 self._wait()
+        elif self.queued and not completer.in_callback():
+            completer.settle(upto=self)
         else:
-            self._wait()
+            self.finish_requests(blocking=True)
         if self.error is not None:
             raise self.error
         return True
