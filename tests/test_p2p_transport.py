@@ -92,3 +92,17 @@ def test_p2p_transport_ring(nprocs):
 
 def test_p2p_transport_rejects_bad_peer():
     run_ranks(_bad_peer_worker, 2)
+
+
+def test_oversubscribed_from_launcher_env():
+    """Waits poll with yields when the node has more ranks than cores: the launcher's local
+    rank count (MPICH, Open MPI, Slurm, torchrun) against the cores; unknown counts as
+    oversubscribed."""
+    from commrt.transports import oversubscribed
+
+    assert not oversubscribed({"MPI_LOCALNRANKS": "2"}, cores=2)
+    assert oversubscribed({"MPI_LOCALNRANKS": "4"}, cores=2)
+    assert oversubscribed({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, cores=2)
+    assert not oversubscribed({"LOCAL_WORLD_SIZE": "8"}, cores=16)
+    assert oversubscribed({}, cores=64)
+    assert oversubscribed({"MPI_LOCALNRANKS": "two"}, cores=64)

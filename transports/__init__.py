@@ -13,14 +13,14 @@ from typing import Any
 
 from .counters import WireCounter, snapshot_delta, wire
 from .mpi import (ANY_SOURCE, ANY_TAG, Communicator, Request, Wakeup, cuda_aware,
-                  install_abort_on_error, mpirun_executable, wait_all, world)
+                  install_abort_on_error, mpirun_executable, oversubscribed, wait_all, world)
 from .rendezvous import install_env_rendezvous, launched_by_mpi, mpi_tcp_store
 
 __all__ = [
     "ANY_SOURCE", "ANY_TAG", "Communicator", "Request", "WireCounter", "cuda_aware",
     "for_group", "install_abort_on_error", "install_env_rendezvous", "launched_by_mpi",
-    "mpi_tcp_store", "mpirun_executable", "snapshot_delta", "Wakeup", "wait_all", "wire",
-    "world",
+    "mpi_tcp_store", "mpirun_executable", "oversubscribed", "snapshot_delta", "Wakeup",
+    "wait_all", "wire", "world",
 ]
 
 _adapters: dict[int, tuple[Any, Any]] = {}
