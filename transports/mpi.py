@@ -830,8 +830,11 @@ class Communicator:
 
     Every operation is non-blocking and returns a `Request`; blocking use is
     ``comm.iallreduce(t).wait()``. In-place operations modify the given tensor. Argument
-    errors raise ValueError on the calling rank before anything is posted; use
-    `check_uniform` first where ranks might disagree on shapes (the torch backend does).
+    errors raise ValueError on the calling rank before anything is posted. Where ranks
+    might disagree on shapes, dtypes or roots, which MPI would turn into a truncation
+    error, corruption or a hang: pass every collective an agreement vector (``check=``,
+    `commrt.transports.agreement`; the request then settles with ``agreed`` False instead
+    of waiting for ill-matched data), or call `check_uniform` first (blocking).
     """
 
     def __init__(self, mpi_comm) -> None:
@@ -946,7 +949,8 @@ class Communicator:
         wire.add(kind, 2 * (self.size - 1) * B // self.size)
         return Request([req], staged, buffers=work, check=token)
 
-    def ibroadcast(self, tensor: torch.Tensor, root: int, *, kind: str = "broadcast", check: bytes | None = None) -> Request:
+    def ibroadcast(self, tensor: torch.Tensor, root: int, *, kind: str = "broadcast",
+                   check: bytes | None = None) -> Request:
         """In place: every rank ends with root's tensor. Wire bytes: (P-1)/P * B."""
         self._check_rank(root, "root")
         work, staged = _stage_out(tensor)
@@ -1056,7 +1060,8 @@ class Communicator:
         return self.ialltoallv(inp, out, counts, counts, kind=kind)
 
     def ialltoallv(self, inp: torch.Tensor, out: torch.Tensor, send_counts: Sequence[int],
-                   recv_counts: Sequence[int], *, kind: str = "all_to_all", check: bytes | None = None) -> Request:
+                   recv_counts: Sequence[int], *, kind: str = "all_to_all",
+                   check: bytes | None = None) -> Request:
         """Uneven all-to-all: send_counts[r] elements of inp (in order) go to rank r,
         recv_counts[s] elements from rank s land in out (in order).
         Wire bytes: the bytes addressed to other ranks."""
