@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .agreement import SIGNATURE_SLOTS
 from .counters import wire
 
 # Wildcards of commrt's own (MPI's values differ between libraries); mapped at the call.
@@ -789,7 +790,7 @@ class _CheckSlots:
     result: it is made to, blocking, in the rare case that it has not (COUNT checks later).
     """
 
-    NBYTES = 128  # agreement.SIGNATURE_SLOTS (8) int64 values and their negations
+    NBYTES = 2 * SIGNATURE_SLOTS * 8  # a signature's int64 codes and their negations
     COUNT = 32
 
     def __init__(self, mpi_comm: Any) -> None:
