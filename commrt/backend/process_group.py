@@ -10,11 +10,11 @@ Agreement (the switch is torch's ``TORCH_DISTRIBUTED_DEBUG``, read when a group 
 
 - default (``OFF``/``INFO``): the check is posted non-blocking just before the data, on
   the same communicator, by the data's first transport request, which waits for it
-  first. A disagreement (or a
-  local argument error on some rank) raises ValueError on every rank at ``wait()``. The
-  data collective was posted with mismatched arguments and cannot be cancelled (MPI), so
-  the group is then unusable: its later operations raise RuntimeError naming the failed
-  one. A local error made identically on every rank leaves the group usable.
+  first. A disagreement (or a local argument error on some rank) raises ValueError on
+  every rank at ``wait()``. The data collective was posted with mismatched arguments and
+  cannot be cancelled (MPI), so the group is then unusable: its later operations raise
+  RuntimeError naming the failed one. A local error made identically on every rank
+  leaves the group usable.
 - ``DETAIL``: the check is waited for before the data is posted; every rank raises
   ValueError and nothing ill-matched reaches MPI, so the group stays usable.
 
