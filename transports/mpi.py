@@ -821,6 +821,9 @@ class _CheckSlots:
         """Free the slots whose last check has been examined. One still in flight (its
         operation timed out, or its peers never posted it) is left alone: freeing an
         active persistent collective crashed MPICH at MPI_Finalize (about 1 run in 5)."""
+        import atexit
+
+        atexit.unregister(self.free)  # (a program may make and free many groups)
         requests, owners = self.requests, self.owners
         self.requests, self.owners = [], []
         for request, owner in zip(requests, owners):
