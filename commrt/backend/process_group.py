@@ -486,23 +486,32 @@ class CommrtProcessGroup(dist.ProcessGroup):
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
+    def _root_tensors(self, lists: list[list[torch.Tensor]], like: torch.Tensor, root: int,
+                      op: str, what: str) -> list[torch.Tensor]:
+        """The root's list of one `what` ("input" or "output") tensor per rank of gather or
+        scatter, each of `like`'s dtype and size; [] on the other ranks, which must pass
+        none."""
+        if self._rank != root:
+            if lists and any(lists):
+                raise ValueError(f"commrt {op}: only the root passes {what} tensors")
+            return []
+        if len(lists) != 1 or len(lists[0]) != self._size:
+            raise ValueError(f"commrt {op}: the root needs a list of {self._size} {what} "
+                             "tensors")
+        tensors = [check_tensor(t, op, what) for t in lists[0]]
+        same_dtype(tensors, like.dtype, op)
+        other = "inputs" if what == "output" else "outputs"
+        for t in tensors:
+            if t.numel() != like.numel():
+                raise ValueError(f"commrt {op}: {what} tensors of {t.numel()} elements for "
+                                 f"{other} of {like.numel()}")
+        return tensors
+
     def _prepare_gather(self, output_tensors: list[list[torch.Tensor]],
                         input_tensors: list[torch.Tensor], opts: Any) -> tuple:
         inp = single(input_tensors, "gather")
         root = group_rank(getattr(opts, "rootRank", 0), self._size, "gather", "root")
-        outs: list[torch.Tensor] = []
-        if self._rank == root:
-            if len(output_tensors) != 1 or len(output_tensors[0]) != self._size:
-                raise ValueError(f"commrt gather: the root needs a list of {self._size} "
-                                 "output tensors")
-            outs = [check_tensor(o, "gather", "output") for o in output_tensors[0]]
-            same_dtype(outs, inp.dtype, "gather")
-            for o in outs:
-                if o.numel() != inp.numel():
-                    raise ValueError(f"commrt gather: output tensors of {o.numel()} "
-                                     f"elements for inputs of {inp.numel()}")
-        elif output_tensors and any(output_tensors):
-            raise ValueError("commrt gather: only the root passes output tensors")
+        outs = self._root_tensors(output_tensors, inp, root, "gather", "output")
 
         def launch(check: bytes | None) -> Launched:
             flat = None
@@ -520,19 +529,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
                          input_tensors: list[list[torch.Tensor]], opts: Any) -> tuple:
         out = single(output_tensors, "scatter")
         root = group_rank(getattr(opts, "rootRank", 0), self._size, "scatter", "root")
-        ins: list[torch.Tensor] = []
-        if self._rank == root:
-            if len(input_tensors) != 1 or len(input_tensors[0]) != self._size:
-                raise ValueError(f"commrt scatter: the root needs a list of {self._size} "
-                                 "input tensors")
-            ins = [check_tensor(i, "scatter", "input") for i in input_tensors[0]]
-            same_dtype(ins, out.dtype, "scatter")
-            for i in ins:
-                if i.numel() != out.numel():
-                    raise ValueError(f"commrt scatter: input tensors of {i.numel()} "
-                                     f"elements for outputs of {out.numel()}")
-        elif input_tensors and any(input_tensors):
-            raise ValueError("commrt scatter: only the root passes input tensors")
+        ins = self._root_tensors(input_tensors, out, root, "scatter", "input")
 
         def launch(check: bytes | None) -> Launched:
             flat = _flat_copy(ins, out.dtype, out.device) if ins else None
