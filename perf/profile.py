@@ -35,6 +35,7 @@ from pathlib import Path
 
 CATEGORIES = ("compute", "packing kernels", "transport wait", "python overhead")
 STARTUP = "startup (imports)"
+ATTACH_TRIES = 20                 # py-spy tries for about 0.5 s each
 _COLORS = {"compute": "#e8a33d", "packing kernels": "#c85ad6", "transport wait": "#4a90d9",
            "python overhead": "#8fbf5a", STARTUP: "#bbbbbb"}
 
@@ -78,25 +79,41 @@ def record(out_dir: str, command: list[str]) -> int:
 
     The rank's file is named by PMI_RANK. The command starts first and py-spy attaches by
     pid (``py-spy record -- CMD`` would hide the command's exit status, and both must keep
-    the launcher's PMI file descriptor open: close_fds=False).
+    the launcher's PMI file descriptor open: close_fds=False). py-spy gives up attaching
+    after a fraction of a second; on a loaded node the new interpreter can take longer to
+    set up its first thread, so a py-spy that fails while the command still runs is started
+    again (up to ATTACH_TRIES times). If nothing was recorded, py-spy's error is written to
+    stderr.
     """
     rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
     rate = os.environ.get("COMMRT_PROFILE_RATE", "50")
+    out = Path(out_dir) / f"rank{rank}.txt"
     child = subprocess.Popen(command, close_fds=False)
     cmd = [_py_spy(), "record", "--format", "raw", "--rate", rate, "--idle", "--pid", str(child.pid),
-           "-o", str(Path(out_dir) / f"rank{rank}.txt")]
+           "-o", str(out)]
     if os.environ.get("COMMRT_PROFILE_NATIVE", "1") != "0":
         cmd.append("--native")
-    # py-spy's banner goes to stderr so that the rank's stdout stays the benchmark's own.
-    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    status = child.wait()
+
+    def attach() -> subprocess.Popen:
+        # py-spy's banner goes to stderr so that the rank's stdout stays the benchmark's own.
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    spy, tries, status = attach(), 1, None
+    while status is None:
+        try:
+            status = child.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            if spy.poll() not in (None, 0) and tries < ATTACH_TRIES:
+                spy.communicate()
+                spy, tries = attach(), tries + 1
     try:
         _, err = spy.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         spy.kill()
         _, err = spy.communicate()
-    if spy.returncode not in (0, None) and err:
-        sys.stderr.write(err.decode(errors="replace")[-2000:])
+    if not out.exists():
+        sys.stderr.write(f"perf.profile: py-spy recorded nothing for rank {rank} "
+                         f"({tries} attach attempts):\n" + err.decode(errors="replace")[-2000:])
     return status
 
 

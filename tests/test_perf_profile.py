@@ -1,5 +1,6 @@
 """perf/profile.py: stack classification, the flame graph, and a real py-spy run of two ranks."""
 import json
+import sys
 import xml.etree.ElementTree as ET
 
 from perf import netem
@@ -36,11 +37,12 @@ def test_perf_profile_two_ranks(tmp_path, monkeypatch):
     # `perf run --profile` sets COMMRT_PERF_PROFILE: every launch_mpi records its ranks.
     monkeypatch.setenv("COMMRT_PERF_PROFILE", str(tmp_path / "profile"))
     monkeypatch.setenv("COMMRT_PROFILE_RATE", "100")
-    netem.launch_mpi(2, "perf._pingpong",
-                     ["--ops", "allreduce", "--sizes", "16m", "--budget-mb", "1024", "--repeats", "2"],
-                     timeout=180)
+    job = netem.launch_mpi(2, "perf._pingpong",
+                           ["--ops", "allreduce", "--sizes", "16m", "--budget-mb", "1024", "--repeats", "2"],
+                           timeout=180)
     out = tmp_path / "profile" / "pingpong-n2-shm"
     summary = P.summarize(tmp_path / "profile")
+    assert "pingpong-n2-shm" in summary, job.stderr[-4000:]      # py-spy's complaint, if any
     entry = summary["pingpong-n2-shm"]
     assert sorted(entry["ranks"]) == ["rank0", "rank1"]
     for rank in ("rank0", "rank1"):
@@ -53,3 +55,14 @@ def test_perf_profile_two_ranks(tmp_path, monkeypatch):
     assert shares["transport wait"] > 0.1, entry
     assert json.loads((tmp_path / "profile" / "summary.json").read_text()) == summary
     assert "transport wait" in P.report_section(summary)
+
+
+def test_perf_profile_attaches_to_a_late_interpreter(tmp_path, monkeypatch):
+    # py-spy gives up after about 0.5 s if the pid is not yet a Python interpreter, as when a
+    # loaded node is slow to start one: the recorder must attach again while the rank runs.
+    monkeypatch.setenv("PMI_RANK", "3")
+    busy = "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass\n"
+    late = ["sh", "-c", f'sleep 2; exec "{sys.executable}" -c "$0"', busy]
+    assert P.record(str(tmp_path), late) == 0
+    stacks = P.read_collapsed(tmp_path / "rank3.txt")
+    assert sum(n for _, n in stacks) > 10, stacks
