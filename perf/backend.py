@@ -17,8 +17,11 @@ raw mpi4py works on numpy views of exactly those tensors, the backend on the ten
 
 float32, sizes are the whole array (all_gather: the output, reduce_scatter: the input).
 Each round times a loop of `iters` calls of raw mpi4py, then a loop of the backend (then,
-with ``--layers``, mpi4py's non-blocking call + Wait and the commrt transport's request +
-wait, i.e. the backend minus torch.distributed and the process group), each loop
+with ``--layers``, mpi4py's non-blocking call + Wait, the commrt transport's request +
+wait, i.e. the backend minus torch.distributed and the process group, and the floor: the
+same torch.distributed call on a Python ProcessGroup that only posts mpi4py's non-blocking
+call and returns a Work that waits on it, no checks, no timeouts, what any backend written
+in Python pays), each loop
 started by a barrier and timed as its slowest rank; ``--rounds`` rounds alternate
 A B, B A, A B, ... so load changes on a shared machine hit both alike and neither
 always runs first. Reported: the medians over
@@ -91,6 +94,75 @@ def _layer_calls(op: str, b: Any) -> dict[str, Callable[[], None]]:
             "transport": lambda: world.ibroadcast(b.out, 0).wait()}
 
 
+def floor_group() -> Any:
+    """A torch.distributed group on the floor backend (see the module docstring): each op
+    is one mpi4py non-blocking call on the caller's buffers, float32 SUM only; its Work
+    waits on that request and nothing else."""
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    class FloorWork(dist._Work):
+        __slots__ = ("request",)
+
+        def __init__(self, request: Any) -> None:
+            super().__init__()
+            self.request = request
+
+        def wait(self, timeout: Any = None) -> bool:
+            self.request.Wait()
+            return True
+
+    def buf(t: Any) -> list:
+        # No count: mpi4py derives it, per rank for the gathered and scattered side.
+        return [MPI.buffer.fromaddress(t.data_ptr(), 4 * t.numel()), MPI.FLOAT]
+
+    class FloorGroup(dist.ProcessGroup):
+        def __init__(self, rank: int, size: int) -> None:
+            super().__init__(rank, size)
+            self.comm = MPI.COMM_WORLD.Dup()
+
+        def getBackendName(self) -> str:  # noqa: N802 (c10d's name)
+            return "floor"
+
+        def allreduce(self, tensors: list, opts: Any = None) -> FloorWork:
+            return FloorWork(self.comm.Iallreduce(MPI.IN_PLACE, buf(tensors[0]), MPI.SUM))
+
+        def all_gather_single(self, out: Any, inp: Any, opts: Any = None) -> FloorWork:
+            return FloorWork(self.comm.Iallgather(buf(inp), buf(out)))
+
+        def reduce_scatter_single(self, out: Any, inp: Any, opts: Any = None) -> FloorWork:
+            return FloorWork(self.comm.Ireduce_scatter_block(buf(inp), buf(out), MPI.SUM))
+
+        def broadcast(self, tensors: list, opts: Any = None) -> FloorWork:
+            return FloorWork(self.comm.Ibcast(buf(tensors[0]), root=opts.rootRank))
+
+    if "floor" not in dist.Backend.backend_list:
+        dist.Backend.register_backend("floor", lambda store, rank, size, timeout:
+                                      FloorGroup(rank, size), devices=["cpu"])
+    return dist.new_group(backend="floor")
+
+
+def check_floor(floor: Any, rank: int, p: int) -> None:
+    """The floor group computes what the backend does (else its times would mean nothing):
+    each op once on rank-dependent data, against the default (commrt) group."""
+    import torch
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(1 + rank)
+    x = torch.randn(6 * p, generator=gen)
+    for name, run in (
+            ("allreduce", lambda g, out: (out.copy_(x), dist.all_reduce(out, group=g))),
+            ("allgather", lambda g, out: dist.all_gather_into_tensor(out, x, group=g)),
+            ("reduce_scatter", lambda g, out: dist.reduce_scatter_tensor(out[:6], x, group=g)),
+            ("broadcast", lambda g, out: (out.copy_(x), dist.broadcast(out, 0, group=g)))):
+        size = 6 * p * p if name == "allgather" else 6 * p
+        got, want = torch.zeros(size), torch.zeros(size)
+        run(floor, got)
+        run(None, want)
+        if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+            raise AssertionError(f"the floor group's {name} differs from commrt's")
+
+
 def run_worker(args: argparse.Namespace) -> list[dict]:
     """Time every (op, size) on this job's ranks; rank 0 returns (and writes) the records."""
     import torch
@@ -105,12 +177,16 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
     comm = MPI.COMM_WORLD
     rank, p = comm.Get_rank(), comm.Get_size()
     records: list[dict] = []
+    floor = floor_group() if args.layers else None
+    if floor is not None:
+        check_floor(floor, rank, p)
     for op in args.ops:
         for nbytes in args.sizes:
             b = Buffers(op, nbytes, torch.float32, p)
             calls = {"mpi4py": raw_call(op, b), "commrt": torch_call(op, b, None)}
             if args.layers:
                 calls.update(_layer_calls(op, b))
+                calls["floor"] = torch_call(op, b, floor)
             iters = iterations(b.nbytes, args.budget_mb, args.min_iters, args.max_iters)
             for fn in calls.values():  # warm-up: MPICH's shm collectives switch in after a few
                 for _ in range(args.warmup):
@@ -179,7 +255,8 @@ def markdown_table(records: list[dict]) -> str:
     head = ["op", "size", "raw mpi4py (us)", "commrt (us)", "overhead (us)", "ratio",
             "CPU raw (us)", "CPU commrt (us)"]
     if layers:
-        head[4:4] = ["mpi4py I*+Wait (us)", "transport (us)"]
+        head[4:4] = ["mpi4py I*+Wait (us)", "transport (us)", "Python PG floor (us)",
+                     "floor overhead (us)"]
     head.append("target")
     rows = []
     for (op, nbytes, impl), rec in by.items():
@@ -190,7 +267,9 @@ def markdown_table(records: list[dict]) -> str:
                f"{rec['overhead_us']:+.1f}", f"{rec['ratio']:.2f}", f"{raw['cpu_us']:.1f}",
                f"{rec['cpu_us']:.1f}", target_verdict(rec)]
         if layers:
-            row[4:4] = [f"{by[(op, nbytes, k)]['time_us']:.1f}" for k in ("mpi4py-nb", "transport")]
+            row[4:4] = [f"{by[(op, nbytes, k)]['time_us']:.1f}"
+                        for k in ("mpi4py-nb", "transport", "floor")]
+            row.insert(7, f"{by[(op, nbytes, 'floor')]['overhead_us']:+.1f}")
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
