@@ -1,7 +1,8 @@
 """commrt: a communication runtime for data-parallel training over slow networks.
 
 Importing commrt registers the `commrt` torch.distributed backend, so
-``dist.init_process_group("commrt")`` works under ``mpirun``.
+``dist.init_process_group("commrt")`` works under ``mpirun``, ``torchrun`` and
+``torch.multiprocessing``.
 """
 from __future__ import annotations
 

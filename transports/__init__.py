@@ -4,7 +4,9 @@
 caller holds (nothing, a `Communicator`, or a torch.distributed process group) into an
 object with the Communicator interface. `wire` counts every byte sent, by kind.
 `agreement` checks that ranks called a collective with the same arguments; `rendezvous`
-agrees on a torch.distributed TCPStore over MPI (`mpi_tcp_store`).
+agrees on a torch.distributed TCPStore over MPI (`mpi_tcp_store`) and, where no MPI
+launcher started the job, forms MPI's world through a store (`pmi_bootstrap`, with the
+PMI server in `pmi`).
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from typing import Any
 from .counters import WireCounter, snapshot_delta, wire
 from .mpi import (ANY_SOURCE, ANY_TAG, Communicator, Request, Wakeup, cuda_aware,
                   install_abort_on_error, mpirun_executable, oversubscribed, wait_all, world)
-from .rendezvous import install_env_rendezvous, launched_by_mpi, mpi_tcp_store
+from .rendezvous import (install_env_rendezvous, launched_by_mpi, mpi_started, mpi_tcp_store,
+                         pmi_bootstrap)
 
 __all__ = [
     "ANY_SOURCE", "ANY_TAG", "Communicator", "Request", "WireCounter", "cuda_aware",
     "for_group", "install_abort_on_error", "install_env_rendezvous", "launched_by_mpi",
-    "mpi_tcp_store", "mpirun_executable", "oversubscribed", "snapshot_delta", "Wakeup",
+    "mpi_started", "mpi_tcp_store", "mpirun_executable", "oversubscribed", "pmi_bootstrap",
+    "snapshot_delta", "Wakeup",
     "wait_all", "wire", "world",
 ]
 

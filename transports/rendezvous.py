@@ -1,15 +1,25 @@
-"""Rendezvous over MPI: the torch.distributed TCPStore every launch needs, with no
-MASTER_ADDR/MASTER_PORT set by hand.
+"""Rendezvous: the torch.distributed TCPStore every launch needs, agreed over MPI with no
+MASTER_ADDR/MASTER_PORT set by hand; and, the other way round, MPI's world formed through
+a torch.distributed store where no MPI launcher started the processes.
 
 `mpi_tcp_store` serves a TCPStore on rank 0 and tells the other ranks over MPI where it
 is; `install_env_rendezvous` makes ``env://`` (init_process_group's default) use it under
 an MPI launcher; `launched_by_mpi` says whether one started this process. The `commrt`
 backend and ``commrt.train --backend gloo`` both rendezvous through here.
+
+`pmi_bootstrap` is for processes started by torchrun, torch.multiprocessing or any other
+launcher that gives rank, world size and a store: rank 0 starts a PMI server
+(`commrt.transports.pmi`) as a helper process and publishes its address in the store,
+and every rank points MPICH at it before MPI starts, so that ``MPI_Init`` forms one
+world of the same ranks.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from typing import Any, Sequence
@@ -19,7 +29,7 @@ import torch.distributed as dist
 from .mpi import world as world_comm
 
 __all__ = ["MPI_LAUNCHER_ENV", "install_env_rendezvous", "ipv4_addresses", "launched_by_mpi",
-           "mpi_tcp_store", "network_identity"]
+           "mpi_started", "mpi_tcp_store", "network_identity", "pmi_bootstrap"]
 
 # Variables an MPI launcher (mpirun/mpiexec, or srun with PMI) sets in every rank.
 MPI_LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
@@ -81,6 +91,25 @@ def _reachable_address(addresses: Sequence[str], port: int, deadline: float) -> 
     return None
 
 
+def _address_of(identity: str, addresses: Sequence[str], port: int, timeout_s: float,
+                what: str) -> str:
+    """Where this process reaches a server that rank 0 started on `port`: 127.0.0.1 in
+    rank 0's network namespace, else the first of rank 0's `addresses` that accepts a
+    connection (retried for up to a minute, or `timeout_s` if shorter)."""
+    if identity == network_identity():
+        return "127.0.0.1"
+    deadline = time.time() + min(60.0, timeout_s)
+    while time.time() < deadline:
+        address = _reachable_address(addresses, port, deadline)
+        if address is not None:
+            return address
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"commrt: cannot reach rank 0's {what} on port {port} at any of its addresses "
+        f"{list(addresses) or '(none found)'}; set MASTER_ADDR and MASTER_PORT to an "
+        "address every rank can reach")
+
+
 def mpi_tcp_store(world: Any = None, timeout: timedelta = timedelta(minutes=30)) -> Any:
     """A ``torch.distributed.TCPStore`` agreed over MPI, with no MASTER_ADDR/PORT needed.
 
@@ -98,20 +127,10 @@ def mpi_tcp_store(world: Any = None, timeout: timedelta = timedelta(minutes=30))
         world.bcast_object((store.port, network_identity(), ipv4_addresses()), 0)
         return store
     port, identity, addresses = world.bcast_object(None, 0)
-    if identity == network_identity():
-        address = "127.0.0.1"
-    else:
-        deadline = time.time() + min(60.0, timeout.total_seconds())
-        address = None
-        while address is None and time.time() < deadline:
-            address = _reachable_address(addresses, port, deadline)
-            if address is None:
-                time.sleep(0.2)
-        if address is None:
-            raise RuntimeError(
-                f"commrt: rank {world.rank} cannot reach rank 0's store on port {port} at any "
-                f"of its addresses {addresses or '(none found)'}; set MASTER_ADDR and "
-                "MASTER_PORT to an address every rank can reach")
+    try:
+        address = _address_of(identity, addresses, port, timeout.total_seconds(), "store")
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc} (rank {world.rank})") from None
     return dist.TCPStore(address, port, world.size, False, timeout=timeout)
 
 
@@ -148,3 +167,100 @@ def install_env_rendezvous() -> None:
 
     env_rendezvous._commrt_wrapped = True  # type: ignore[attr-defined]
     handlers["env"] = env_rendezvous
+
+
+# --------------------------------------------------------------------------------------
+# MPI's world through a torch.distributed store (no MPI launcher)
+
+PMI_STORE_KEY = "commrt/pmi"
+# The PMI server rank 0 started (kept referenced: it outlives this process's use of it).
+_pmi_servers: list[subprocess.Popen] = []
+
+
+def mpi_started() -> bool:
+    """Whether MPI is already initialised in this process (by mpi4py, at its import)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is not None and bool(mpi.Is_initialized())
+
+
+def _node_mapping(size: int) -> str | None:
+    """MPICH's ``PMI_process_mapping`` from torchrun's LOCAL_WORLD_SIZE (ranks in blocks
+    of that many per node); None (MPICH then compares host names) without it."""
+    try:
+        local = int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    if local < 1 or size % local:
+        return None
+    return f"(vector,(0,{size // local},{local}))"
+
+
+def _start_pmi_server(size: int, timeout_s: float) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "commrt.transports.pmi", "--size", str(size),
+           "--timeout", f"{timeout_s:g}"]
+    mapping = _node_mapping(size)
+    if mapping:
+        cmd += ["--mapping", mapping]
+    # Its own session: a Ctrl-C to the launcher's process group must not end it before
+    # the ranks have finalized (their PMI connections end it).
+    server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    first = (server.stdout.readline() if server.stdout else "").split()
+    if len(first) != 2:
+        status = server.poll()
+        raise RuntimeError("commrt: the PMI server (python -m commrt.transports.pmi) did "
+                           f"not start (exit status {status})")
+    _pmi_servers.append(server)
+    return int(first[0]), first[1]
+
+
+def pmi_bootstrap(store: Any, rank: int, size: int,
+                  timeout: timedelta = timedelta(minutes=30)) -> None:
+    """Prepare this process to join a `size`-rank MPI world as rank `rank`, through
+    `store` (a torch.distributed Store every rank shares): call before MPI starts.
+
+    Rank 0 starts the PMI server and publishes (port, network identity, addresses, job
+    name) in the store; every rank then records its arrival and waits for all of them,
+    and sets PMI_PORT/PMI_ID (dropping a PMI_FD inherited from some other launcher, and
+    choosing PMI-1 where a PMIx environment would make MPICH's choice ambiguous).
+
+    Raises RuntimeError: MPI already started in this process (it was imported before, or
+    this is a fork of a process that had); ranks that did not arrive within `timeout`
+    (named); rank 0's server not reachable.
+    """
+    if mpi_started():
+        raise RuntimeError(
+            "commrt: MPI was already started in this process before init_process_group, so "
+            "it cannot join the other ranks (it is a world of its own). Do not use MPI "
+            "(mpi4py.MPI) before init_process_group, and start ranks with the 'spawn' "
+            "method, not 'fork', if the parent process has used it")
+    seconds = timeout.total_seconds() if timeout else 1800.0
+    if rank == 0:
+        port, kvsname = _start_pmi_server(size, seconds)
+        store.set(PMI_STORE_KEY, json.dumps([port, network_identity(), ipv4_addresses(),
+                                             kvsname]))
+    arrived = [f"{PMI_STORE_KEY}/arrived/{r}" for r in range(size)]
+    store.set(arrived[rank], str(os.getpid()))
+    try:
+        store.wait(arrived, timedelta(seconds=seconds))
+    except Exception as exc:  # torch's DistStoreError on timeout, or the store went away
+        try:
+            missing = [r for r in range(size) if not store.check([arrived[r]])]
+        except Exception:
+            missing = []
+        who = f"ranks {missing}" if missing else "some ranks"
+        raise RuntimeError(
+            f"commrt: {who} of {size} did not reach init_process_group within "
+            f"{seconds:g} s (this is rank {rank}); MPI cannot start without every rank"
+            ) from exc
+    port, identity, addresses, _ = json.loads(store.get(PMI_STORE_KEY))
+    address = _address_of(identity, addresses, port, seconds, "PMI server")
+    # A server that died (or was killed) would make MPI_Init crash, not fail: look first.
+    if _reachable_address([address], port, time.time() + 5.0) is None:
+        raise RuntimeError(f"commrt: rank 0's PMI server at {address}:{port} is gone (it "
+                           "exited or was killed before this rank started MPI)")
+    for name in ("PMI_FD", "PMI_RANK", "PMI_SIZE", "PMI_PORT", "PMI_ID"):
+        os.environ.pop(name, None)
+    os.environ["PMI_PORT"] = f"{address}:{port}"
+    os.environ["PMI_ID"] = str(rank)
+    os.environ.setdefault("MPIR_CVAR_PMI_VERSION", "1")

@@ -6,8 +6,10 @@
 
 works with no environment set by hand: rank and world size come from MPI, and the
 rendezvous store (a TCPStore, which torch requires) is created by rank 0 on a free port
-that is broadcast over MPI (`commrt.transports.rendezvous`). Under ``torchrun`` (no MPI
-launcher) init fails at once with a one-line RuntimeError that says to launch with mpirun.
+that is broadcast over MPI (`commrt.transports.rendezvous`). Without an MPI launcher
+(torchrun, torch.multiprocessing, or any launcher that gives rank, world size and a store)
+the creator forms MPI's world through torch's store first: rank 0 starts a PMI server
+(`commrt.transports.pmi`) and every rank points MPICH at it (`pmi_bootstrap`).
 
 Layout
 ------

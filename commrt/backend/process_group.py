@@ -812,9 +812,10 @@ def _default_group_ranks_match(world: T.Communicator, rank: int, size: int) -> N
         return
     if not T.launched_by_mpi() and world.size == 1:
         raise RuntimeError(
-            "commrt backend: no MPI launcher detected (torchrun or a manual RANK/WORLD_SIZE "
-            f"gave world size {size}, MPI sees 1 process); launch with `mpirun -n {size} "
-            "python ...` instead")
+            f"commrt backend: init_process_group gave world size {size}, but MPI was "
+            "already started in this process as a world of its own (mpi4py.MPI was used "
+            "before init_process_group, or this is a fork of a process that had used it); "
+            "initialise the group first, or start ranks with the 'spawn' method")
     raise RuntimeError(
         f"commrt backend: init_process_group was given rank {rank} / world size {size} but "
         f"MPI has rank {world.rank} / size {world.size}; let MPI assign them (launch with "
@@ -831,6 +832,14 @@ def create_process_group(common_opts: Any, backend_opts: Any = None) -> CommrtPr
     ranks = list(getattr(common_opts, "global_ranks_in_group", []) or [])
     group_id = str(getattr(common_opts, "group_id", "") or "")
     timeout = getattr(common_opts, "timeout", None)
+    store = getattr(common_opts, "store", None)
+    if not ranks and size > 1 and not T.launched_by_mpi() and not T.mpi_started():
+        # torchrun, torch.multiprocessing, or any launcher that gives rank, size and a
+        # store: form MPI's world through the store before MPI starts.
+        if store is None:
+            raise RuntimeError("commrt backend: no MPI launcher and no store to form the "
+                               "MPI world through; launch with mpirun or torchrun")
+        T.pmi_bootstrap(store, rank, size, timeout)
     world = T.world()
     if not ranks:
         _default_group_ranks_match(world, rank, size)
@@ -844,5 +853,5 @@ def create_process_group(common_opts: Any, backend_opts: Any = None) -> CommrtPr
                                "numbered like MPI's world")
         comm = world.create_group(ranks)
     return CommrtProcessGroup(comm, timeout=timeout, group_name=group_id,
-                              store=getattr(common_opts, "store", None),
+                              store=store,
                               owns_communicator=not ranks)

@@ -1,0 +1,98 @@
+"""Ranks started without mpirun, for tests/test_backend_launchers.py.
+
+    python -m torch.distributed.run --nproc-per-node N tests/_launcher_worker.py ddp SEED
+    python tests/_launcher_worker.py spawn-ddp METHOD N SEED INIT_URL
+    python tests/_launcher_worker.py spawn-SCENARIO METHOD N INIT_URL
+
+`ddp` trains DistributedDataParallel on the `commrt` backend and checks the parameters
+against one process training on the whole batch (the assertion fails the rank), then
+prints ``RANK-OK r``. The other scenarios are the failure cases: `missing` (the last rank
+never calls init_process_group), `killed` (rank 1 is killed after init), `premature`
+(MPI used before init_process_group). Each rank prints what init or the operation raised
+as ``RANK-ERROR r: message`` and exits normally.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import commrt  # noqa: F401  (registers the backend)
+from _client_util import global_batch, make_model, reference_params
+
+STEPS, PER_RANK, LR = 3, 3, 0.05
+
+
+def _init(rank: int, size: int, url: str | None, timeout_s: float = 120.0) -> None:
+    kwargs = {} if url is None else dict(init_method=url, rank=rank, world_size=size)
+    dist.init_process_group("commrt", timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def ddp(rank: int, size: int, seed: int, url: str | None = None) -> None:
+    _init(rank, size, url)
+    assert (dist.get_rank(), dist.get_world_size()) == (rank, size)
+    model = make_model(seed) if rank == 0 else make_model(seed + 1 + rank)
+    model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.0005)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    for step in range(STEPS):
+        x, y = global_batch(seed, step, size, PER_RANK)
+        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        opt.step()
+    expected = reference_params(seed, STEPS, size, PER_RANK, LR)
+    for i, (p, q) in enumerate(zip(model.module.parameters(), expected)):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"parameter {i} on rank {rank}: {m}")
+    dist.destroy_process_group()
+    print(f"RANK-OK {rank}", flush=True)
+
+
+def scenario(rank: int, name: str, size: int, url: str) -> None:
+    try:
+        if name == "missing" and rank == size - 1:
+            time.sleep(20)          # never joins: the others' init must fail first
+            return
+        if name == "premature":
+            from mpi4py import MPI  # noqa: F401  (starts MPI: this rank is a world of one)
+        _init(rank, size, url, timeout_s=6.0)
+        if name == "killed":
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            dist.barrier()          # rank 1 never arrives: times out, the job ends
+        dist.destroy_process_group()
+        print(f"RANK-OK {rank}", flush=True)
+    except Exception as exc:
+        # Printed, not raised: torch.multiprocessing would end the other ranks at the
+        # first failure, before they report theirs.
+        print(f"RANK-ERROR {rank}: {exc}", flush=True)
+
+
+def _spawned_ddp(rank: int, size: int, seed: int, url: str) -> None:
+    ddp(rank, size, seed, url)
+
+
+def main(argv: list[str]) -> None:
+    mode = argv[0]
+    if mode == "ddp":           # under torchrun: env://
+        ddp(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(argv[1]))
+    elif mode == "spawn-ddp":
+        method, size, seed, url = argv[1], int(argv[2]), int(argv[3]), argv[4]
+        mp.start_processes(_spawned_ddp, args=(size, seed, url), nprocs=size,
+                           start_method=method)
+    elif mode.startswith("spawn-"):
+        method, size, url = argv[1], int(argv[2]), argv[3]
+        mp.start_processes(scenario, args=(mode[len("spawn-"):], size, url), nprocs=size,
+                           start_method=method)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,237 @@
+"""The `commrt` backend in processes no MPI launcher started: torchrun (env://) and
+torch.multiprocessing (spawn and fork, file:// and tcp://) form one MPI world through
+commrt's PMI server (commrt.transports.pmi); its failure cases; the server's protocol.
+
+Every job runs in a fresh subprocess with a timeout (a hang fails the test), in an
+environment stripped of mpirun's variables. DDP results are checked in the ranks against
+one process training on the whole batch (tests/_launcher_worker.py)."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from commrt.transports import pmi
+from commrt.transports.rendezvous import PMI_STORE_KEY, network_identity, pmi_bootstrap
+from mpi_harness import REPO_ROOT, mpi_env
+
+WORKER = str(Path(__file__).with_name("_launcher_worker.py"))
+LAUNCHER_PREFIXES = ("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_")
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in mpi_env().items() if not k.startswith(LAUNCHER_PREFIXES)}
+    env.update(extra or {})
+    return env
+
+
+def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env or _env(), cwd=str(REPO_ROOT), start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240.0) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"the job hung (killed after {timeout} s):\n{out[-6000:]}")
+    return proc.returncode, out
+
+
+def _run(args: list[str], env: dict[str, str] | None = None, timeout: float = 240.0) -> str:
+    code, out = _finish(_start(args, env), timeout)
+    assert code == 0, f"exit {code}:\n{out[-6000:]}"
+    return out
+
+
+def _ranks_ok(out: str, size: int) -> None:
+    for rank in range(size):
+        assert f"RANK-OK {rank}" in out, out[-6000:]
+
+
+def _leftovers() -> tuple[set[str], list[str]]:
+    """MPICH's shared-memory segments, and running PMI servers."""
+    shm = {p.name for p in Path("/dev/shm").glob("mpich_*")} if Path("/dev/shm").is_dir() \
+        else set()
+    servers = subprocess.run(["pgrep", "-f", "commrt.transports.pmi"], capture_output=True,
+                             text=True).stdout.split()
+    return shm, servers
+
+
+def _spawn_args(mode: str, method: str, size: int, url: str, *extra: str) -> list[str]:
+    return [sys.executable, WORKER, mode, method, str(size), *extra, url]
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_launch_torchrun_ddp(nprocs: int) -> None:
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nprocs}", WORKER, "ddp", str(random.randrange(1 << 20))])
+    _ranks_ok(out, nprocs)
+
+
+@pytest.mark.parametrize("method,nprocs,scheme", [("spawn", 2, "file"), ("spawn", 4, "tcp"),
+                                                  ("fork", 2, "tcp"), ("fork", 4, "file")])
+def test_launch_multiprocessing_ddp(tmp_path, method: str, nprocs: int, scheme: str) -> None:
+    url = f"file://{tmp_path / 'rdzv'}" if scheme == "file" else f"tcp://127.0.0.1:{_free_port()}"
+    out = _run(_spawn_args("spawn-ddp", method, nprocs, url, str(random.randrange(1 << 20))))
+    _ranks_ok(out, nprocs)
+
+
+def test_launch_two_jobs_at_once(tmp_path) -> None:
+    jobs = [_start(_spawn_args("spawn-ddp", "spawn", 2, f"file://{tmp_path / f'rdzv{i}'}",
+                               str(random.randrange(1 << 20)))) for i in range(2)]
+    for job in jobs:
+        code, out = _finish(job)
+        assert code == 0, out[-6000:]
+        _ranks_ok(out, 2)
+
+
+def test_launch_ignores_inherited_pmi_and_pmix_variables(tmp_path) -> None:
+    # A PMI_FD left by some other process manager, and a PMIx job's variables (as inside
+    # a Slurm allocation): commrt's server must still be the one MPICH talks to.
+    env = _env({"PMI_FD": "99", "PMIX_NAMESPACE": "slurm.pmix.1.0", "PMIX_SERVER_URI41": "x"})
+    out = _run(_spawn_args("spawn-ddp", "spawn", 2, f"file://{tmp_path / 'rdzv'}",
+                           str(random.randrange(1 << 20))), env=env)
+    _ranks_ok(out, 2)
+
+
+def test_launch_missing_rank_fails_on_every_arrived_rank(tmp_path) -> None:
+    shm_before, _ = _leftovers()
+    start = time.monotonic()
+    out = _run(_spawn_args("spawn-missing", "spawn", 3, f"file://{tmp_path / 'rdzv'}"))
+    for rank in (0, 1):
+        assert f"RANK-ERROR {rank}: commrt: ranks [2] of 3 did not reach init_process_group " \
+               "within 6 s" in out, out[-6000:]
+    assert time.monotonic() - start < 60, "init did not fail within its timeout"
+    _wait_for_no_leftovers(shm_before)
+
+
+def test_launch_mpi_started_before_init_is_a_clear_error(tmp_path) -> None:
+    out = _run(_spawn_args("spawn-premature", "spawn", 2, f"file://{tmp_path / 'rdzv'}"))
+    for rank in (0, 1):
+        assert f"RANK-ERROR {rank}: commrt backend: init_process_group gave world size 2, " \
+               "but MPI was already started in this process" in out, out[-6000:]
+
+
+def test_launch_killed_rank_leaves_nothing_behind(tmp_path) -> None:
+    shm_before, _ = _leftovers()
+    code, out = _finish(_start(_spawn_args("spawn-killed", "spawn", 3,
+                                           f"file://{tmp_path / 'rdzv'}")))
+    assert code != 0, out[-6000:]          # torch.multiprocessing reports the killed rank
+    _wait_for_no_leftovers(shm_before)
+
+
+def _wait_for_no_leftovers(shm_before: set[str], within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        shm, servers = _leftovers()
+        if not (shm - shm_before) and not servers:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left behind: segments {sorted(shm - shm_before)}, PMI "
+                                 f"servers {servers}")
+        time.sleep(0.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the bootstrap and the server, directly ------------------------------------------------
+
+
+def test_pmi_bootstrap_reports_a_server_that_is_gone(monkeypatch) -> None:
+    store = dist.HashStore()
+    port = _free_port()                    # nothing listens there
+    store.set(PMI_STORE_KEY, f'[{port}, "{network_identity()}", [], "commrt-gone"]')
+    store.set(f"{PMI_STORE_KEY}/arrived/0", "1")
+    for name in ("PMI_PORT", "PMI_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="PMI server at 127.0.0.1:.* is gone"):
+        pmi_bootstrap(store, 1, 2)
+    assert "PMI_PORT" not in os.environ
+
+
+def test_pmi_world_id_is_mpich_hash() -> None:
+    # Observed: MPICH 5.0.2 named this job's segment /dev/shm/mpich_shm_345bd204_0.
+    assert pmi.world_id("commrt-19782-b025c21cfd28") == 0x345BD204
+    assert pmi.new_kvsname() != pmi.new_kvsname()
+
+
+class _Client:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("r")
+
+    def send(self, line: str) -> None:
+        self.sock.sendall((line + "\n").encode())
+
+    def ask(self, line: str, replies: int = 1) -> list[str]:
+        self.send(line)
+        return [self.file.readline().strip() for _ in range(replies)]
+
+    def close(self) -> None:
+        self.file.close()       # (the file holds the socket open too)
+        self.sock.close()
+
+
+def test_pmi_server_protocol() -> None:
+    kvsname = pmi.new_kvsname()
+    segment = Path("/dev/shm") / f"mpich_shm_{pmi.world_id(kvsname):x}_0"
+    server = pmi.PMIServer(2, kvsname, timeout=30, mapping="(vector,(0,1,2))")
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    a, b = _Client(server.port), _Client(server.port)
+    assert a.ask("cmd=initack pmiid=0", 4) == ["cmd=initack", "cmd=set size=2",
+                                                 "cmd=set rank=0", "cmd=set debug=0"]
+    assert b.ask("cmd=initack pmiid=1", 4)[2] == "cmd=set rank=1"
+    assert a.ask("cmd=init pmi_version=1 pmi_subversion=1") == [
+        "cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=0"]
+    assert a.ask("cmd=get_my_kvsname") == [f"cmd=my_kvsname kvsname={kvsname} rc=0"]
+    assert "vallen_max=1024" in a.ask("cmd=get_maxes")[0]
+    assert a.ask(f"cmd=get kvsname={kvsname} key=PMI_process_mapping") == [
+        "cmd=get_result rc=0 msg=success value=(vector,(0,1,2))"]
+    assert a.ask(f"cmd=get kvsname={kvsname} key=absent")[0].startswith("cmd=get_result rc=1")
+    assert a.ask(f"cmd=put kvsname={kvsname} key=card0 value=abc") == [
+        "cmd=put_result rc=0 msg=success"]
+    a.send("cmd=barrier_in")
+    time.sleep(0.2)                         # a alone in the barrier: no answer yet
+    assert b.ask("cmd=barrier_in") == ["cmd=barrier_out rc=0"]
+    assert a.file.readline().strip() == "cmd=barrier_out rc=0"
+    assert b.ask(f"cmd=get kvsname={kvsname} key=card0") == [
+        "cmd=get_result rc=0 msg=success value=abc"]
+    segment.write_bytes(b"x")               # as MPICH would leave it after a kill
+    for c in (a, b):
+        assert c.ask("cmd=finalize") == ["cmd=finalize_ack rc=0"]
+        c.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and server.connected == {0, 1}
+    assert not segment.exists()
+
+
+def test_pmi_server_barrier_times_out_naming_missing_ranks() -> None:
+    server = pmi.PMIServer(3, pmi.new_kvsname(), timeout=1.0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    a = _Client(server.port)
+    a.ask("cmd=initack pmiid=0", 4)
+    start = time.monotonic()
+    assert a.ask("cmd=barrier_in") == ["cmd=barrier_out rc=1 msg=ranks_1_2_missing"]
+    assert time.monotonic() - start < 5
+    a.close()
+    thread.join(timeout=10)                 # nobody left, ranks missing past the timeout
+    assert not thread.is_alive()
+
