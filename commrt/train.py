@@ -3,6 +3,7 @@
     mpirun -n 16 python -m commrt.train                       # tiny GPT, stdlib corpus, ddp
     mpirun -n 8 python -m commrt.train --method spardl --density 0.01 --steps 500
     mpirun -n 4 python -m commrt.train --data input.txt --model small --out runs/x --plot
+    torchrun --nproc-per-node 4 -m commrt.train               # the same without mpirun
     python -m commrt.train --help
 
 Each rank trains on its own shard of the data (commrt.data) with the method named by
@@ -51,7 +52,8 @@ PROG = "commrt.train"
 
 
 def _launcher_rank() -> int:
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID"):
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK",
+                 "SLURM_PROCID", "RANK"):
         value = os.environ.get(name)
         if value is not None and value.isdigit():
             return int(value)
@@ -59,11 +61,39 @@ def _launcher_rank() -> int:
 
 
 def _yield_cpu_when_oversubscribed() -> None:
-    """More ranks on this node than cores: let MPICH ranks that wait yield the core instead
-    of spinning (read at MPI_Init, so before `T.world()`). An explicit setting wins."""
-    local_ranks = os.environ.get("MPI_LOCALNRANKS", "")       # set by MPICH's hydra
-    if local_ranks.isdigit() and int(local_ranks) > (os.cpu_count() or 1):
+    """More ranks on this node than cores (or a launcher that does not say): let MPICH
+    ranks that wait yield the core instead of spinning (read at MPI_Init, so before
+    `T.world()`). An explicit setting wins."""
+    from commrt.transports import oversubscribed
+
+    if oversubscribed():
         os.environ.setdefault("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "1")
+
+
+def _started_by_torchrun() -> bool:
+    """torchrun (or a launcher like it) started this process: RANK and WORLD_SIZE are
+    set and no MPI launcher is present."""
+    from commrt.transports import launched_by_mpi
+
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not launched_by_mpi()
+
+
+def _join_torchrun_world(backend: str) -> None:
+    """Under torchrun the process group comes first: the commrt backend forms MPI's world
+    through torch's store as it starts; with gloo, MPI's world is formed here through
+    torchrun's store (MASTER_ADDR:MASTER_PORT)."""
+    import torch.distributed as dist
+
+    from commrt import transports as T
+
+    if backend == "commrt":
+        import commrt.backend  # noqa: F401  (registers the backend)
+    dist.init_process_group(backend)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if size > 1 and not T.mpi_started():
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              size, False)
+        T.pmi_bootstrap(dist.PrefixStore("commrt.train", store), rank, size)
 
 
 class UsageError(ValueError):
@@ -686,6 +716,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _yield_cpu_when_oversubscribed()
     from commrt import transports as T
 
+    if _started_by_torchrun():
+        _join_torchrun_world(args.backend)
     comm = T.world()
     rank, world_size = comm.rank, comm.size
 

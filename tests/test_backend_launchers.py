@@ -7,6 +7,7 @@ environment stripped of mpirun's variables. DDP results are checked in the ranks
 one process training on the whole batch (tests/_launcher_worker.py)."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -235,3 +236,21 @@ def test_pmi_server_barrier_times_out_naming_missing_ranks() -> None:
     thread.join(timeout=10)                 # nobody left, ranks missing past the timeout
     assert not thread.is_alive()
 
+
+@pytest.mark.parametrize("method", ["ddp", "spardl"])
+def test_launch_torchrun_train_matches_mpirun(tmp_path, method: str) -> None:
+    # `python -m commrt.train` under torchrun forms the same 2-rank world as under mpirun
+    # and must train to the same bits.
+    from commrt.transports import mpirun_executable
+
+    args = ["-m", "commrt.train", "--method", method, "--steps", "10", "--eval-interval", "10"]
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+          *args, "--out", str(tmp_path / "torchrun")])
+    subprocess.run([mpirun_executable(), "-n", "2", sys.executable, *args,
+                    "--out", str(tmp_path / "mpirun")], env=mpi_env(), cwd=str(REPO_ROOT),
+                   check=True, capture_output=True, timeout=240)
+    got, want = (json.loads((tmp_path / run / "summary.json").read_text())
+                 for run in ("torchrun", "mpirun"))
+    assert got["world_size"] == want["world_size"] == 2
+    assert got["final_val_loss"] == want["final_val_loss"]
+    assert got["final_loss"] == want["final_loss"]
