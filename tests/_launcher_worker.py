@@ -8,7 +8,8 @@
 against one process training on the whole batch (the assertion fails the rank), then
 prints ``RANK-OK r``. The other scenarios are the failure cases: `missing` (the last rank
 never calls init_process_group), `killed` (rank 1 is killed after init), `premature`
-(MPI used before init_process_group). Each rank prints what init or the operation raised
+(MPI used before init_process_group), `unjoined` (MPI starts without joining the PMI
+server, as another MPI library would). Each rank prints what init or the operation raised
 as ``RANK-ERROR r: message`` and exits normally.
 """
 from __future__ import annotations
@@ -61,6 +62,9 @@ def scenario(rank: int, name: str, size: int, url: str) -> None:
             return
         if name == "premature":
             from mpi4py import MPI  # noqa: F401  (starts MPI: this rank is a world of one)
+        if name == "unjoined":      # as an MPI that ignores MPICH's PMI variables would
+            import commrt.transports as T
+            T.pmi_bootstrap = lambda *args, **kwargs: None
         _init(rank, size, url, timeout_s=6.0)
         if name == "killed":
             if rank == 1:

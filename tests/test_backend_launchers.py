@@ -125,6 +125,13 @@ def test_launch_mpi_started_before_init_is_a_clear_error(tmp_path) -> None:
                "but MPI was already started in this process" in out, out[-6000:]
 
 
+def test_launch_mpi_that_does_not_join_is_a_clear_error(tmp_path) -> None:
+    out = _run(_spawn_args("spawn-unjoined", "spawn", 2, f"file://{tmp_path / 'rdzv'}"))
+    for rank in (0, 1):
+        assert f"RANK-ERROR {rank}: commrt backend: MPI did not form the 2-rank world through " \
+               "commrt's PMI server (MPI library: MPICH" in out, out[-6000:]
+
+
 def test_launch_killed_rank_leaves_nothing_behind(tmp_path) -> None:
     shm_before, _ = _leftovers()
     code, out = _finish(_start(_spawn_args("spawn-killed", "spawn", 3,

@@ -15,13 +15,15 @@ from typing import Any
 
 from .counters import WireCounter, snapshot_delta, wire
 from .mpi import (ANY_SOURCE, ANY_TAG, Communicator, Request, Wakeup, cuda_aware,
-                  install_abort_on_error, mpirun_executable, oversubscribed, wait_all, world)
+                  install_abort_on_error, library_version, mpirun_executable, oversubscribed,
+                  wait_all, world)
 from .rendezvous import (install_env_rendezvous, launched_by_mpi, mpi_started, mpi_tcp_store,
                          pmi_bootstrap)
 
 __all__ = [
     "ANY_SOURCE", "ANY_TAG", "Communicator", "Request", "WireCounter", "cuda_aware",
     "for_group", "install_abort_on_error", "install_env_rendezvous", "launched_by_mpi",
+    "library_version",
     "mpi_started", "mpi_tcp_store", "mpirun_executable", "oversubscribed", "pmi_bootstrap",
     "snapshot_delta", "Wakeup",
     "wait_all", "wire", "world",

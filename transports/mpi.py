@@ -64,6 +64,11 @@ def _mpi():
 # CUDA awareness and host staging
 
 
+def library_version() -> str:
+    """The first line of the MPI library's version string (starts MPI if it is not yet)."""
+    return _mpi().Get_library_version().strip().splitlines()[0].strip()
+
+
 _cuda_aware: bool | None = None
 
 

@@ -807,9 +807,15 @@ def _table_code(signature: tuple) -> int:
 # Creation
 
 
-def _default_group_ranks_match(world: T.Communicator, rank: int, size: int) -> None:
+def _default_group_ranks_match(world: T.Communicator, rank: int, size: int,
+                               bootstrapped: bool) -> None:
     if world.size == size and world.rank == rank:
         return
+    if bootstrapped:
+        raise RuntimeError(
+            f"commrt backend: MPI did not form the {size}-rank world through commrt's PMI "
+            f"server (MPI library: {T.library_version()}); starting without mpirun needs "
+            "MPICH (pip install 'commrt[mpi]'); with another MPI, launch with its mpirun")
     if not T.launched_by_mpi() and world.size == 1:
         raise RuntimeError(
             f"commrt backend: init_process_group gave world size {size}, but MPI was "
@@ -833,7 +839,8 @@ def create_process_group(common_opts: Any, backend_opts: Any = None) -> CommrtPr
     group_id = str(getattr(common_opts, "group_id", "") or "")
     timeout = getattr(common_opts, "timeout", None)
     store = getattr(common_opts, "store", None)
-    if not ranks and size > 1 and not T.launched_by_mpi() and not T.mpi_started():
+    bootstrapped = not ranks and size > 1 and not T.launched_by_mpi() and not T.mpi_started()
+    if bootstrapped:
         # torchrun, torch.multiprocessing, or any launcher that gives rank, size and a
         # store: form MPI's world through the store before MPI starts.
         if store is None:
@@ -842,7 +849,7 @@ def create_process_group(common_opts: Any, backend_opts: Any = None) -> CommrtPr
         T.pmi_bootstrap(store, rank, size, timeout)
     world = T.world()
     if not ranks:
-        _default_group_ranks_match(world, rank, size)
+        _default_group_ranks_match(world, rank, size, bootstrapped)
         # A duplicate of the world, freed on shutdown: an operation left posted after a
         # timeout can never match a later default group's collectives.
         comm = world.dup()
