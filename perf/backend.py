@@ -3,6 +3,7 @@
     python -m perf.backend                          # 2 and 4 ranks, shm, 9 rounds
     python -m perf.backend --ranks 2 --rounds 15 --out backend.md
     python -m perf.backend --layers                 # also the layers in between (see below)
+    python -m perf.backend --launchers mpirun,torchrun --jobs 3   # the launchers compared
 
 The driver launches one ``mpirun`` job per world size in ``--ranks`` (perf.netem's
 launcher, shm) with ``--worker``; the perf suite (``python -m perf run collectives``)
@@ -32,7 +33,12 @@ than wall time). The issue's targets (2 ranks, shm): overhead <= 10 us at <= 4 K
 ratio >= 0.95 at >= 1 MiB; the `target` column says ok / MISS there (no target at other
 world sizes).
 
-Output: a markdown table per world size with machine info (cores, load average before
+``--launchers mpirun,torchrun`` runs every job under each launcher in turn (under
+torchrun commrt forms MPI's world itself, through its PMI server), ``--jobs K`` K times
+(A B A B ...); a first table then compares, per op and size, the medians over jobs of
+raw MPI and commrt under each launcher.
+
+Output: a markdown table per world size (per job) with machine info (cores, load average before
 and after each job, ranks per core, MPI library, the environment variables that change
 the result: COMMRT_*, MPIR_CVAR_*, TORCH_DISTRIBUTED_DEBUG), printed and written to
 ``--out`` (default ``perf/results/<date>-<host>/backend.md``); ``--json`` writes the
@@ -56,6 +62,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from commrt.transports.rendezvous import MPI_LAUNCHER_ENV
 from perf.netem import REPO_ROOT, job_env, launch_mpi
 
 OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast")
@@ -167,13 +174,15 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
     """Time every (op, size) on this job's ranks; rank 0 returns (and writes) the records."""
     import torch
     import torch.distributed as dist
-    from mpi4py import MPI
 
     import commrt  # noqa: F401  (registers the backend)
     from perf.collectives import Buffers, iterations, raw_call, timed, torch_call
 
     torch.set_num_threads(1)
+    # First: without mpirun (torchrun) this is what forms MPI's world.
     dist.init_process_group("commrt")
+    from mpi4py import MPI
+
     comm = MPI.COMM_WORLD
     rank, p = comm.Get_rank(), comm.Get_size()
     records: list[dict] = []
@@ -283,9 +292,16 @@ def machine_info() -> dict[str, Any]:
                 env={k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)})
 
 
-def launch(args: argparse.Namespace, nprocs: int, worker_args: list[str]) -> subprocess.CompletedProcess:
-    """One worker job: perf.netem's mpirun over shm, or `--launcher` (its argv, then
-    ``-n N python -m perf.backend ...``) with the same environment."""
+def launch(args: argparse.Namespace, nprocs: int, worker_args: list[str],
+           via: str = "mpirun") -> subprocess.CompletedProcess:
+    """One worker job: perf.netem's mpirun over shm, `--launcher` (its argv, then
+    ``-n N python -m perf.backend ...``), or torchrun (`via`), with the same environment."""
+    if via == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nprocs}", "-m", "perf.backend", *worker_args]
+        env = {k: v for k, v in job_env(nprocs).items() if k not in MPI_LAUNCHER_ENV}
+        return subprocess.run(cmd, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True,
+                              timeout=args.timeout)
     if not args.launcher:
         return launch_mpi(nprocs, "perf.backend", worker_args, timeout=args.timeout, check=False)
     cmd = [*shlex.split(args.launcher), "-n", str(nprocs), sys.executable, "-m", "perf.backend",
@@ -294,13 +310,39 @@ def launch(args: argparse.Namespace, nprocs: int, worker_args: list[str]) -> sub
                           text=True, timeout=args.timeout)
 
 
+def launcher_table(jobs: list[tuple[str, list[dict]]]) -> str:
+    """Per op and size, the medians over jobs of raw MPI and of commrt under each launcher
+    (jobs alternate launchers, so load changes hit both alike)."""
+    by: dict[tuple, list[dict]] = {}
+    for via, records in jobs:
+        for r in records:
+            by.setdefault((r["op"], r["bytes"], r["impl"], via), []).append(r)
+    vias = list(dict.fromkeys(via for via, _ in jobs))
+    head = ["op", "size"] + [f"{col} ({via})" for via in vias
+                             for col in ("raw us", "commrt us", "overhead us")]
+    rows = []
+    for op, nbytes in dict.fromkeys((r["op"], r["bytes"]) for _, rs in jobs for r in rs):
+        row = [op, fmt_size(nbytes)]
+        for via in vias:
+            raw = by.get((op, nbytes, "mpi4py", via), [])
+            ours = by.get((op, nbytes, "commrt", via), [])
+            med = lambda rs, key: statistics.median(r[key] for r in rs) if rs else float("nan")  # noqa: E731
+            row += [f"{med(raw, 'time_us'):.1f}", f"{med(ours, 'time_us'):.1f}",
+                    f"{med(ours, 'overhead_us'):+.1f}"]
+        rows.append(row)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def run_driver(args: argparse.Namespace) -> int:
     machine = machine_info()
     sections: list[str] = []
     all_records: list[dict] = []
     failed: list[str] = []
     mpi_libs: set[str] = set()
-    for nprocs in args.ranks:
+    by_launcher: dict[int, list[tuple[str, list[dict]]]] = {}
+    for nprocs, job_index, via in [(n, j, via) for n in args.ranks for j in range(args.jobs)
+                                   for via in args.launchers]:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "records.json"
             worker_args = ["--worker", "--json", str(result), "--ops", ",".join(args.ops),
@@ -310,22 +352,27 @@ def run_driver(args: argparse.Namespace) -> int:
                            "--max-iters", str(args.max_iters)] + (["--layers"] if args.layers else [])
             load_before = os.getloadavg()[0]
             started = time.perf_counter()
+            what = f"{nprocs} ranks" + (f", {via}" if len(args.launchers) > 1 else "") + \
+                (f", job {job_index + 1}" if args.jobs > 1 else "")
             try:
-                proc = launch(args, nprocs, worker_args)
+                proc = launch(args, nprocs, worker_args, via)
             except subprocess.TimeoutExpired:
-                failed.append(f"{nprocs} ranks: timed out after {args.timeout:.0f} s")
+                failed.append(f"{what}: timed out after {args.timeout:.0f} s")
                 continue
             sys.stdout.write(proc.stdout)
             if proc.returncode != 0 or not result.exists():
-                failed.append(f"{nprocs} ranks: exit {proc.returncode}")
+                failed.append(f"{what}: exit {proc.returncode}")
                 sys.stderr.write(proc.stderr[-4000:])
                 continue
             job = json.loads(result.read_text())
         records = job["records"]
+        for r in records:
+            r["launcher"] = via
         all_records += records
+        by_launcher.setdefault(nprocs, []).append((via, records))
         mpi_libs.add(job["mpi"])
         sections.append(
-            f"## {nprocs} ranks ({nprocs / machine['cores']:.1f} ranks per core)\n\n"
+            f"## {what} ({nprocs / machine['cores']:.1f} ranks per core)\n\n"
             f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
             f"{time.perf_counter() - started:.0f} s; MPIR_CVAR_CH4_PROGRESS_THROTTLE={job['throttle']}"
             f"\n\n{markdown_table(records)}\n")
@@ -343,6 +390,11 @@ def run_driver(args: argparse.Namespace) -> int:
         f"overhead <= {TARGET_OVERHEAD_US:g} us at <= {fmt_size(SMALL_BYTES)}, ratio >= "
         f"{TARGET_RATIO} at >= {fmt_size(LARGE_BYTES)}.\n"
         + (f"\nnot run: {'; '.join(failed)}\n" if failed else ""))
+    if len(args.launchers) > 1 or args.jobs > 1:
+        sections.insert(0, "".join(
+            f"## {n} ranks: launchers compared (medians over {args.jobs} job(s) each, jobs "
+            f"alternating {' / '.join(args.launchers)})\n\n{launcher_table(jobs)}\n\n"
+            for n, jobs in by_launcher.items()))
     text = header + "\n" + "\n".join(sections)
     print(text)
     out = Path(args.out) if args.out else (
@@ -375,6 +427,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--launcher", default=None,
                    help="launcher argv instead of perf.netem's mpirun, e.g. 'mpirun -bind-to core'"
                         " (the driver appends -n N python -m perf.backend ...)")
+    p.add_argument("--launchers", default="mpirun",
+                   help="comma list of mpirun (perf.netem's, or --launcher) and torchrun "
+                        "(commrt forms MPI's world itself); with several, jobs alternate")
+    p.add_argument("--jobs", type=int, default=1, help="jobs per world size and launcher")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per MPI job")
     p.add_argument("--out", default=None, help="markdown output path")
     p.add_argument("--json", default=None, help="write the records here")
@@ -383,6 +439,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    args.launchers = [v.strip() for v in args.launchers.split(",") if v.strip()]
+    if not args.launchers or set(args.launchers) - {"mpirun", "torchrun"}:
+        p.error(f"--launchers takes mpirun and/or torchrun, got {args.launchers}")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     bad = [o for o in args.ops if o not in OPS]
     if bad:
         p.error(f"unknown ops {bad}; choose from {', '.join(OPS)}")

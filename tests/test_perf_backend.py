@@ -1,5 +1,5 @@
-"""perf.backend: a tiny end-to-end run (the driver launches its MPI jobs, through perf.netem and
-through --launcher), the records and the markdown table; the verdicts against the issue's
+"""perf.backend: a tiny end-to-end run (the driver launches its MPI jobs, through perf.netem,
+through --launcher, and under torchrun), the records and the markdown table; the verdicts against the issue's
 targets on hand-made records."""
 import json
 import subprocess
@@ -50,6 +50,13 @@ def test_perf_backend_launcher_layers(tmp_path):
     text, records = _run(tmp_path, "--ranks", "3", "--layers", "--launcher", mpirun_executable())
     _check(text, records, [3], layers=True)
     assert "transport (us)" in text and "Python PG floor (us)" in text
+
+
+def test_perf_backend_launchers_compared(tmp_path):
+    text, records = _run(tmp_path, "--ranks", "2", "--launchers", "mpirun,torchrun")
+    _check(text, records, [2], layers=False)
+    assert {r["launcher"] for r in records} == {"mpirun", "torchrun"}
+    assert "## 2 ranks: launchers compared" in text and "commrt us (torchrun)" in text
 
 
 def test_target_verdicts():
