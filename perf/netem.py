@@ -67,6 +67,8 @@ class LinkSetup:
     env: environment additions for mpirun and the ranks.
     mpirun_args: extra mpirun arguments (hosts and launcher for the two-tier form).
     namespaces: the namespaces created (deleted when the context exits).
+    nodes: two-tier form: (address, namespace) of each node, in node order; a launcher
+    other than mpirun (torchrun) starts each node's processes with ``ip netns exec``.
     """
 
     link: str
@@ -75,6 +77,7 @@ class LinkSetup:
     mpirun_args: list[str] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
     ranks_per_node: int | None = None
+    nodes: list[tuple[str, str]] = field(default_factory=list)
 
 
 _RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)bit$")
@@ -281,7 +284,7 @@ def emulated_link(link: str, *, nprocs: int | None = None,
             env={**TCP_ENV, "FI_TCP_IFACE": "crnic", "GLOO_SOCKET_IFNAME": "crnic"},
             mpirun_args=["-launcher", "ssh", "-launcher-exec", str(script), "-hosts", hosts,
                          "-localhost", _BRIDGE_IP],
-            namespaces=created, ranks_per_node=ranks_per_node)
+            namespaces=created, ranks_per_node=ranks_per_node, nodes=list(host_to_ns.items()))
     finally:
         for ns in reversed(created):
             _delete_namespace(ns)

@@ -81,6 +81,35 @@ def test_launch_torchrun_ddp(nprocs: int) -> None:
     _ranks_ok(out, nprocs)
 
 
+def test_launch_torchrun_two_emulated_nodes() -> None:
+    # Two hosts of two ranks, as network namespaces joined by a bridge (perf.netem): one
+    # torchrun per node, static rendezvous at node 0's address. Ranks of node 1 reach the
+    # PMI server at node 0's address, MPICH's node map comes from LOCAL_WORLD_SIZE, and
+    # the nodes talk TCP across the bridge.
+    from perf.netem import emulated_link, link_unavailable_reason
+
+    reason = link_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no network namespaces here: {reason}")
+    seed = str(random.randrange(1 << 20))
+    with emulated_link("10gbit", nprocs=4, ranks_per_node=2) as setup:
+        master = setup.nodes[0][0]
+        port = str(_free_port())
+        env = _env(setup.env)
+        jobs = [_start(["ip", "netns", "exec", ns, sys.executable, "-m",
+                        "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                        "--nproc-per-node=2", f"--master-addr={master}", f"--master-port={port}",
+                        WORKER, "ddp", seed], env)
+                for node, (_, ns) in enumerate(setup.nodes)]
+        outs = []
+        for job in jobs:
+            code, out = _finish(job)
+            assert code == 0, out[-6000:]
+            outs.append(out)
+    _ranks_ok("".join(outs), 4)
+    assert "RANK-OK 2" in outs[1] and "RANK-OK 3" in outs[1]
+
+
 @pytest.mark.parametrize("method,nprocs,scheme", [("spawn", 2, "file"), ("spawn", 4, "tcp"),
                                                   ("fork", 2, "tcp"), ("fork", 4, "file")])
 def test_launch_multiprocessing_ddp(tmp_path, method: str, nprocs: int, scheme: str) -> None:
