@@ -39,6 +39,35 @@ def test_torch_distributed_suite(backend: str, tmp_path: Path,
     assert not problems, text
 
 
+# A handful of the suite's tests the way torch runs them itself: TestDistBackend spawns the
+# three ranks per test and they call init_process_group with no MPI launcher
+# (_torch_suite_spawn.py; the whole suite that way takes about half an hour here).
+SPAWNED = ["test_all_reduce_sum_async", "test_broadcast_group", "test_all_gather_coalesced",
+           "test_DistributedDataParallel_requires_grad", "test_send_recv_any_source"]
+
+
+@pytest.mark.timeout(900)
+def test_torch_suite_spawned_ranks_as_under_mpirun(capsys: pytest.CaptureFixture) -> None:
+    import subprocess
+    import sys
+
+    from mpi_harness import REPO_ROOT, mpi_env
+
+    env = {k: v for k, v in mpi_env().items()
+           if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_"))}
+    select = [arg for name in SPAWNED for arg in ("-k", name)]
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_torch_suite_spawn.py")),
+                           *select], env=env, cwd=str(REPO_ROOT), capture_output=True,
+                          text=True, timeout=840)
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("torch suite on")]
+    with capsys.disabled():
+        print("\n" + "\n".join(summary), flush=True)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "every outcome as under mpirun" in proc.stdout
+    passed = [line for line in proc.stdout.splitlines() if line.endswith(": passed")]
+    assert len(passed) >= len(SPAWNED), proc.stdout[-6000:]
+
+
 # --------------------------------------------------------------------------------------
 # The harness's own verdicts
 
