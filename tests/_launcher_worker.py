@@ -9,13 +9,15 @@ against one process training on the whole batch (the assertion fails the rank), 
 prints ``RANK-OK r``. The other scenarios are the failure cases: `missing` (the last rank
 never calls init_process_group), `killed` (rank 1 is killed after init), `premature`
 (MPI used before init_process_group), `unjoined` (MPI starts without joining the PMI
-server, as another MPI library would). Each rank prints what init or the operation raised
+server, as another MPI library would), `server-killed` (rank 0 kills the PMI server
+after init; the ranks then exit without MPI_Finalize, status 1). Each rank prints what init or the operation raised
 as ``RANK-ERROR r: message`` and exits normally.
 """
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -70,6 +72,14 @@ def scenario(rank: int, name: str, size: int, url: str) -> None:
             if rank == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
             dist.barrier()          # rank 1 never arrives: times out, the job ends
+        if name == "server-killed":
+            dist.barrier()
+            if rank == 0:           # (the only PMI server running: tests run one at a time)
+                subprocess.run(["pkill", "-9", "-f", "--", "-m commrt.transports.pmi"], check=False)
+            dist.barrier()
+            total = torch.ones(2)
+            dist.all_reduce(total)  # the job goes on: MPI needs the server at start and end
+            assert total.tolist() == [size, size]
         dist.destroy_process_group()
         print(f"RANK-OK {rank}", flush=True)
     except Exception as exc:

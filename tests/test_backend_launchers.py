@@ -169,6 +169,17 @@ def test_launch_killed_rank_leaves_nothing_behind(tmp_path) -> None:
     _wait_for_no_leftovers(shm_before)
 
 
+def test_launch_server_killed_mid_job_ends_cleanly(tmp_path) -> None:
+    shm_before, _ = _leftovers()
+    code, out = _finish(_start(_spawn_args("spawn-server-killed", "spawn", 3,
+                                           f"file://{tmp_path / 'rdzv'}")))
+    _ranks_ok(out, 3)                       # the job's own work completed
+    assert code != 0, out[-6000:]           # and its ranks then exit with status 1
+    assert "PMI server" in out and "is gone (killed?)" in out, out[-6000:]
+    assert "SIGSEGV" not in out and "signal 11" not in out.lower(), out[-6000:]
+    _wait_for_no_leftovers(shm_before)
+
+
 def _wait_for_no_leftovers(shm_before: set[str], within: float = 30.0) -> None:
     deadline = time.monotonic() + within
     while True:

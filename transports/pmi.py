@@ -45,7 +45,8 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["KEY_MAX", "VALUE_MAX", "PMIServer", "new_kvsname", "shm_segments", "world_id"]
+__all__ = ["KEY_MAX", "VALUE_MAX", "PMIServer", "new_kvsname", "ping", "shm_segments",
+           "world_id"]
 
 KVSNAME_MAX = 256
 KEY_MAX = 64
@@ -74,6 +75,23 @@ def shm_segments(kvsname: str, root: str = "/dev/shm") -> list[Path]:
         return []
     return sorted(p for pattern in (f"mpich_shm_{wid}_*", f"mpich_vci_{wid}_*")
                   for p in base.glob(pattern))
+
+
+def ping(address: str, port: int, timeout: float = 5.0) -> bool:
+    """Whether a PMI server answers at address:port (a ``get_maxes`` round trip: a server
+    that is being killed may still hold its listening socket, but cannot answer)."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            sock.sendall(b"cmd=get_maxes\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(256)
+                if not chunk:
+                    return False
+                reply += chunk
+            return reply.startswith(b"cmd=maxes")
+    except OSError:
+        return False
 
 
 class _Client:

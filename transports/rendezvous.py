@@ -15,6 +15,7 @@ world of the same ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -216,13 +217,18 @@ def _start_pmi_server(size: int, timeout_s: float) -> tuple[int, str]:
 
 def pmi_bootstrap(store: Any, rank: int, size: int,
                   timeout: timedelta = timedelta(minutes=30)) -> None:
-    """Prepare this process to join a `size`-rank MPI world as rank `rank`, through
-    `store` (a torch.distributed Store every rank shares): call before MPI starts.
+    """Join a `size`-rank MPI world as rank `rank`, through `store` (a torch.distributed
+    Store every rank shares): call before MPI starts.
 
     Rank 0 starts the PMI server and publishes (port, network identity, addresses, job
     name) in the store; every rank then records its arrival and waits for all of them,
     and sets PMI_PORT/PMI_ID (dropping a PMI_FD inherited from some other launcher, and
     choosing PMI-1 where a PMIx environment would make MPICH's choice ambiguous).
+
+    Then MPI starts (``MPI_Init`` through the server). Should the server be gone when the
+    process exits, it leaves with status 1 and a message instead of calling
+    ``MPI_Finalize``, which would crash on the dead connection, and removes the job's
+    shared-memory segments itself.
 
     Raises RuntimeError: MPI already started in this process (it was imported before, or
     this is a fork of a process that had); ranks that did not arrive within `timeout`
@@ -253,10 +259,12 @@ def pmi_bootstrap(store: Any, rank: int, size: int,
             f"commrt: {who} of {size} did not reach init_process_group within "
             f"{seconds:g} s (this is rank {rank}); MPI cannot start without every rank"
             ) from exc
-    port, identity, addresses, _ = json.loads(store.get(PMI_STORE_KEY))
+    port, identity, addresses, kvsname = json.loads(store.get(PMI_STORE_KEY))
     address = _address_of(identity, addresses, port, seconds, "PMI server")
     # A server that died (or was killed) would make MPI_Init crash, not fail: look first.
-    if _reachable_address([address], port, time.time() + 5.0) is None:
+    from .pmi import ping
+
+    if not ping(address, port):
         raise RuntimeError(f"commrt: rank 0's PMI server at {address}:{port} is gone (it "
                            "exited or was killed before this rank started MPI)")
     for name in ("PMI_FD", "PMI_RANK", "PMI_SIZE", "PMI_PORT", "PMI_ID"):
@@ -264,3 +272,25 @@ def pmi_bootstrap(store: Any, rank: int, size: int,
     os.environ["PMI_PORT"] = f"{address}:{port}"
     os.environ["PMI_ID"] = str(rank)
     os.environ.setdefault("MPIR_CVAR_PMI_VERSION", "1")
+    world_comm()    # MPI_Init, through the server
+    # Registered after mpi4py's own exit handler, so it runs before MPI_Finalize, which
+    # talks to the server once more: with the server gone it would crash the rank.
+    import atexit
+
+    atexit.register(_leave_without_server, address, port, kvsname)
+
+
+def _leave_without_server(address: str, port: int, kvsname: str) -> None:
+    from .pmi import ping, shm_segments  # (here: `python -m` of that module imports this one)
+
+    if ping(address, port):
+        return
+    sys.stderr.write(f"commrt: this job's PMI server ({address}:{port}) is gone (killed?): "
+                     "MPI cannot finalize, so this rank exits without MPI_Finalize, "
+                     "status 1\n")
+    for path in shm_segments(kvsname):      # the server would have removed them
+        with contextlib.suppress(OSError):
+            path.unlink()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
