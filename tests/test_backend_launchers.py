@@ -284,13 +284,16 @@ def test_pmi_server_barrier_times_out_naming_missing_ranks() -> None:
     assert not thread.is_alive()
 
 
-@pytest.mark.parametrize("method", ["ddp", "spardl"])
-def test_launch_torchrun_train_matches_mpirun(tmp_path, method: str) -> None:
+@pytest.mark.parametrize("method,backend", [("ddp", "commrt"), ("spardl", "commrt"),
+                                            ("ddp", "gloo")])
+def test_launch_torchrun_train_matches_mpirun(tmp_path, method: str, backend: str) -> None:
     # `python -m commrt.train` under torchrun forms the same 2-rank world as under mpirun
-    # and must train to the same bits.
+    # (with gloo, commrt's MPI world through torchrun's store) and must train to the same
+    # bits.
     from commrt.transports import mpirun_executable
 
-    args = ["-m", "commrt.train", "--method", method, "--steps", "10", "--eval-interval", "10"]
+    args = ["-m", "commrt.train", "--method", method, "--backend", backend, "--steps", "10",
+            "--eval-interval", "10"]
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
           *args, "--out", str(tmp_path / "torchrun")])
     subprocess.run([mpirun_executable(), "-n", "2", sys.executable, *args,

@@ -246,7 +246,7 @@ def pmi_bootstrap(store: Any, rank: int, size: int,
         store.set(PMI_STORE_KEY, json.dumps([port, network_identity(), ipv4_addresses(),
                                              kvsname]))
     arrived = [f"{PMI_STORE_KEY}/arrived/{r}" for r in range(size)]
-    store.set(arrived[rank], str(os.getpid()))
+    store.set(arrived[rank], "1")
     try:
         store.wait(arrived, timedelta(seconds=seconds))
     except Exception as exc:  # torch's DistStoreError on timeout, or the store went away
@@ -262,7 +262,7 @@ def pmi_bootstrap(store: Any, rank: int, size: int,
     port, identity, addresses, kvsname = json.loads(store.get(PMI_STORE_KEY))
     address = _address_of(identity, addresses, port, seconds, "PMI server")
     # A server that died (or was killed) would make MPI_Init crash, not fail: look first.
-    from .pmi import ping
+    from .pmi import ping   # (not at the top: see _leave_without_server)
 
     if not ping(address, port):
         raise RuntimeError(f"commrt: rank 0's PMI server at {address}:{port} is gone (it "
@@ -273,15 +273,17 @@ def pmi_bootstrap(store: Any, rank: int, size: int,
     os.environ["PMI_ID"] = str(rank)
     os.environ.setdefault("MPIR_CVAR_PMI_VERSION", "1")
     world_comm()    # MPI_Init, through the server
-    # Registered after mpi4py's own exit handler, so it runs before MPI_Finalize, which
-    # talks to the server once more: with the server gone it would crash the rank.
+    # Python's exit handlers run before mpi4py's MPI_Finalize, which talks to the server
+    # once more: with the server gone it would crash the rank.
     import atexit
 
     atexit.register(_leave_without_server, address, port, kvsname)
 
 
 def _leave_without_server(address: str, port: int, kvsname: str) -> None:
-    from .pmi import ping, shm_segments  # (here: `python -m` of that module imports this one)
+    # (Imported here, not at the top: `python -m commrt.transports.pmi` imports this
+    # package first, and runpy warns about a module imported before it runs as __main__.)
+    from .pmi import ping, shm_segments
 
     if ping(address, port):
         return
