@@ -92,6 +92,7 @@ def test_launch_torchrun_two_emulated_nodes() -> None:
     if reason is not None:
         pytest.skip(f"no network namespaces here: {reason}")
     seed = str(random.randrange(1 << 20))
+    shm_before, _ = _leftovers()
     with emulated_link("10gbit", nprocs=4, ranks_per_node=2) as setup:
         master = setup.nodes[0][0]
         port = str(_free_port())
@@ -108,6 +109,7 @@ def test_launch_torchrun_two_emulated_nodes() -> None:
             outs.append(out)
     _ranks_ok("".join(outs), 4)
     assert "RANK-OK 2" in outs[1] and "RANK-OK 3" in outs[1]
+    _wait_for_no_leftovers(shm_before)      # node 1's cleaner, too, has finished
 
 
 @pytest.mark.parametrize("method,nprocs,scheme", [("spawn", 2, "file"), ("spawn", 4, "tcp"),
@@ -268,6 +270,26 @@ def test_pmi_server_protocol() -> None:
     thread.join(timeout=10)
     assert not thread.is_alive() and server.connected == {0, 1}
     assert not segment.exists()
+
+
+def test_pmi_cleaner_removes_a_hosts_segments_once_its_ranks_are_gone() -> None:
+    kvsname = pmi.new_kvsname()
+    segment = Path("/dev/shm") / f"mpich_shm_{pmi.world_id(kvsname):x}_1"
+    rank = subprocess.Popen(["sleep", "60"])          # stands in for this host's rank
+    segment.write_bytes(b"x")
+    cleaner = subprocess.Popen([sys.executable, "-m", "commrt.transports.pmi", "--kvsname",
+                                kvsname, "--clean-after", str(rank.pid)], env=mpi_env())
+    try:
+        time.sleep(1.5)
+        assert cleaner.poll() is None and segment.exists()   # the rank still runs
+        rank.kill()                                          # (left a zombie a moment)
+        assert cleaner.wait(timeout=10) == 0
+        assert not segment.exists()
+    finally:
+        rank.kill()
+        rank.wait()
+        cleaner.kill()
+        segment.unlink(missing_ok=True)
 
 
 def test_pmi_server_barrier_times_out_naming_missing_ranks() -> None:

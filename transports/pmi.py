@@ -29,7 +29,9 @@ were killed, or that skipped ``MPI_Finalize``, leave them behind otherwise).
 
     python -m commrt.transports.pmi --size N [--kvsname NAME] [--timeout S] [--mapping M]
 
-prints the port it listens on (all interfaces), then serves.
+prints the port it listens on (all interfaces), then serves. On each other host one rank
+starts ``python -m commrt.transports.pmi --kvsname NAME --clean-after PIDS``, which removes
+the job's segments there once that host's ranks have exited (`clean_after`).
 
 Messages: a few hundred bytes per rank at start (the protocol lines), plus each node
 root's business card (about 9 KB, in 1 KB values) across nodes.
@@ -45,8 +47,8 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["KEY_MAX", "VALUE_MAX", "PMIServer", "new_kvsname", "ping", "shm_segments",
-           "world_id"]
+__all__ = ["KEY_MAX", "VALUE_MAX", "PMIServer", "clean_after", "new_kvsname", "ping",
+           "shm_segments", "world_id"]
 
 KVSNAME_MAX = 256
 KEY_MAX = 64
@@ -261,16 +263,53 @@ class PMIServer:
         return len(self.connected)
 
 
+def clean_after(kvsname: str, pids: list[int], poll_s: float = 0.5) -> None:
+    """Once every process in `pids` (this host's ranks) has exited, remove the job's
+    shared-memory segments on this host: the server does so on its own host only."""
+    while pids:
+        time.sleep(poll_s)
+        pids = [pid for pid in pids if _alive(pid)]
+    for path in shm_segments(kvsname):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:        # a zombie (exited, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m commrt.transports.pmi",
                                 description="Serve PMI-1 to the ranks of one MPICH job.")
-    p.add_argument("--size", type=int, required=True, help="ranks in the job")
+    p.add_argument("--size", type=int, default=None, help="ranks in the job")
     p.add_argument("--kvsname", default=None, help="job name (default: a new unique one)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a barrier may wait for missing ranks (default 300)")
     p.add_argument("--mapping", default=None,
                    help="PMI_process_mapping to serve, e.g. (vector,(0,2,4))")
+    p.add_argument("--clean-after", default=None, metavar="PIDS",
+                   help="instead of serving: once these processes (comma list) have exited, "
+                        "remove job --kvsname's shared-memory segments on this host")
     args = p.parse_args(argv)
+    if args.clean_after is not None:
+        if not args.kvsname:
+            p.error("--clean-after needs --kvsname")
+        clean_after(args.kvsname, [int(pid) for pid in args.clean_after.split(",") if pid])
+        return 0
+    if args.size is None:
+        p.error("--size is required")
     server = PMIServer(args.size, args.kvsname or new_kvsname(), timeout=args.timeout,
                        mapping=args.mapping)
     print(f"{server.port} {server.kvsname}", flush=True)

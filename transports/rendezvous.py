@@ -174,7 +174,8 @@ def install_env_rendezvous() -> None:
 # MPI's world through a torch.distributed store (no MPI launcher)
 
 PMI_STORE_KEY = "commrt/pmi"
-# The PMI server rank 0 started (kept referenced: it outlives this process's use of it).
+# The helpers this process started, the PMI server (rank 0) or a host's cleaner (kept
+# referenced: they outlive this process's use of them).
 _pmi_servers: list[subprocess.Popen] = []
 
 
@@ -246,7 +247,7 @@ def pmi_bootstrap(store: Any, rank: int, size: int,
         store.set(PMI_STORE_KEY, json.dumps([port, network_identity(), ipv4_addresses(),
                                              kvsname]))
     arrived = [f"{PMI_STORE_KEY}/arrived/{r}" for r in range(size)]
-    store.set(arrived[rank], "1")
+    store.set(arrived[rank], json.dumps([network_identity(), os.getpid()]))
     try:
         store.wait(arrived, timedelta(seconds=seconds))
     except Exception as exc:  # torch's DistStoreError on timeout, or the store went away
@@ -260,6 +261,7 @@ def pmi_bootstrap(store: Any, rank: int, size: int,
             f"{seconds:g} s (this is rank {rank}); MPI cannot start without every rank"
             ) from exc
     port, identity, addresses, kvsname = json.loads(store.get(PMI_STORE_KEY))
+    _clean_this_host_after(store, arrived, rank, identity, kvsname)
     address = _address_of(identity, addresses, port, seconds, "PMI server")
     # A server that died (or was killed) would make MPI_Init crash, not fail: look first.
     from .pmi import ping   # (not at the top: see _leave_without_server)
@@ -278,6 +280,24 @@ def pmi_bootstrap(store: Any, rank: int, size: int,
     import atexit
 
     atexit.register(_leave_without_server, address, port, kvsname)
+
+
+def _clean_this_host_after(store: Any, arrived: list[str], rank: int, server_identity: str,
+                           kvsname: str) -> None:
+    """On a host (network identity) other than the server's, the lowest rank there starts
+    a helper that removes the job's shared-memory segments once that host's ranks have
+    exited: the server removes them on its own host only, and a killed rank's stay."""
+    mine = network_identity()
+    if mine == server_identity:
+        return
+    here = [(r, pid) for r, (identity, pid) in
+            ((r, json.loads(store.get(key))) for r, key in enumerate(arrived)) if identity == mine]
+    if here[0][0] != rank:
+        return
+    pids = ",".join(str(pid) for _, pid in here)
+    _pmi_servers.append(subprocess.Popen(
+        [sys.executable, "-m", "commrt.transports.pmi", "--kvsname", kvsname,
+         "--clean-after", pids], stdin=subprocess.DEVNULL, start_new_session=True))
 
 
 def _leave_without_server(address: str, port: int, kvsname: str) -> None:
