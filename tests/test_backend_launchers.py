@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -270,6 +271,23 @@ def test_pmi_server_protocol() -> None:
     thread.join(timeout=10)
     assert not thread.is_alive() and server.connected == {0, 1}
     assert not segment.exists()
+
+
+def test_pmi_server_barrier_waits_for_live_ranks_and_fails_on_a_gone_one() -> None:
+    server = pmi.PMIServer(2, pmi.new_kvsname(), timeout=0.5)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    a, b = _Client(server.port), _Client(server.port)
+    a.ask("cmd=initack pmiid=0", 4)
+    b.ask("cmd=initack pmiid=1", 4)
+    a.send("cmd=barrier_in")
+    time.sleep(1.5)             # past the timeout, but rank 1 is alive: no answer yet
+    assert select.select([a.sock], [], [], 0.2)[0] == []
+    b.close()                   # rank 1 gone: the barrier can never complete
+    assert a.file.readline().strip() == "cmd=barrier_out rc=1 msg=ranks_1_missing"
+    a.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_pmi_cleaner_removes_a_hosts_segments_once_its_ranks_are_gone() -> None:

@@ -14,9 +14,11 @@ The server answers, for the `size` ranks of one job named `kvsname`:
 * ``put`` / ``get`` on the job's key-value space (``get`` of a missing key: ``rc=1``,
   which MPICH reads as "absent"; ``PMI_process_mapping`` is served when a node map is
   given);
-* ``barrier_in``, answered with ``barrier_out`` once every rank has entered it; a barrier
-  still incomplete `timeout` seconds after its first rank entered is answered with
-  ``rc=1`` on the ranks waiting in it, so that their ``MPI_Init`` fails instead of hanging;
+* ``barrier_in``, answered with ``barrier_out`` once every rank has entered it, and with
+  ``rc=1`` (naming the missing ranks) on the ranks waiting in it once it cannot complete:
+  a rank it waits for has closed its connection, or has never connected and the barrier
+  has waited `timeout` seconds. So ``MPI_Init`` fails instead of hanging, while the
+  barrier of ``MPI_Finalize`` waits as long as live ranks take to reach it;
 * ``finalize`` (``finalize_ack``) and ``abort``.
 
 It runs as its own process: mpi4py holds the GIL inside ``MPI_Init`` and
@@ -185,6 +187,19 @@ class PMIServer:
         else:
             self._reply(client, f"cmd={cmd or 'unknown'}_result rc=1 msg=unsupported")
 
+    def _barrier_cannot_complete(self, now: float) -> bool:
+        """A rank the barrier waits for has gone (connected, then closed its connection),
+        or has not connected and the barrier has waited `timeout`. A barrier every live
+        rank may still reach waits as long as it takes (MPI_Finalize's, when ranks finish
+        far apart)."""
+        inside = {c.rank for c in self.barrier}
+        alive = {c.rank for c in self.clients.values() if c.rank is not None}
+        waited_for = set(range(self.size)) - inside
+        if any(r in self.connected and r not in alive for r in waited_for):
+            return True
+        return bool(waited_for - self.connected) and \
+            self.barrier_since is not None and now - self.barrier_since > self.timeout
+
     def _end_barrier(self, rc: int) -> None:
         waiting, self.barrier, self.barrier_since = self.barrier, [], None
         if rc:
@@ -235,7 +250,7 @@ class PMIServer:
                 now = time.monotonic()
                 if not self.clients and now - started > self.timeout:
                     break                   # ranks missing, and nobody left to serve
-                if self.barrier_since is not None and now - self.barrier_since > self.timeout:
+                if self.barrier and self._barrier_cannot_complete(now):
                     self._end_barrier(1)
                 for key, _ in self.selector.select(timeout=0.5):
                     if key.fileobj is self.listener:
