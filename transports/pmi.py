@@ -99,13 +99,12 @@ def ping(address: str, port: int, timeout: float = 5.0) -> bool:
 
 
 class _Client:
-    __slots__ = ("sock", "inbuf", "rank", "finalized")
+    __slots__ = ("sock", "inbuf", "rank")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.inbuf = b""
         self.rank: int | None = None
-        self.finalized = False
 
 
 class PMIServer:
@@ -179,7 +178,6 @@ class PMIServer:
             if len(self.barrier) == self.size:
                 self._end_barrier(0)
         elif cmd == "finalize":
-            client.finalized = True
             self._reply(client, "cmd=finalize_ack rc=0")
         elif cmd == "abort":
             sys.stderr.write(f"commrt PMI server ({self.kvsname}): rank {client.rank} "
