@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from commrt.transports import mpirun_executable
+from commrt.transports.pmi import pid_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _NS_PREFIX = "commrt"          # namespace names: commrt<kind>-<pid>-<n>
@@ -163,16 +164,6 @@ def _install_teardown_hooks() -> None:
                 signal.signal(sig, _signal_to_exit)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_namespaces() -> list[str]:
     """Delete namespaces of earlier runs whose creating process is gone; return their names."""
     out = _run(["ip", "netns", "list"], check=False).stdout
@@ -180,7 +171,7 @@ def remove_stale_namespaces() -> list[str]:
     for line in out.splitlines():
         name = line.split()[0] if line.strip() else ""
         m = re.match(rf"^{_NS_PREFIX}[a-z]+-(\d+)-\d+$", name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _delete_namespace(name)
             removed.append(name)
     return removed

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import commrt  # noqa: F401  (registers the backend)
-from _client_util import global_batch, make_model, reference_params
+from _client_util import train_ddp_and_check
 
 STEPS, PER_RANK, LR = 3, 3, 0.05
 
@@ -39,20 +39,7 @@ def _init(rank: int, size: int, url: str | None, timeout_s: float = 120.0) -> No
 
 def ddp(rank: int, size: int, seed: int, url: str | None = None) -> None:
     _init(rank, size, url)
-    assert (dist.get_rank(), dist.get_world_size()) == (rank, size)
-    model = make_model(seed) if rank == 0 else make_model(seed + 1 + rank)
-    model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.0005)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    for step in range(STEPS):
-        x, y = global_batch(seed, step, size, PER_RANK)
-        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
-        opt.step()
-    expected = reference_params(seed, STEPS, size, PER_RANK, LR)
-    for i, (p, q) in enumerate(zip(model.module.parameters(), expected)):
-        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"parameter {i} on rank {rank}: {m}")
+    train_ddp_and_check(rank, size, seed, STEPS, PER_RANK, LR)
     dist.destroy_process_group()
     print(f"RANK-OK {rank}", flush=True)
 

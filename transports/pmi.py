@@ -49,8 +49,8 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["KEY_MAX", "VALUE_MAX", "PMIServer", "clean_after", "new_kvsname", "ping",
-           "shm_segments", "world_id"]
+__all__ = ["KEY_MAX", "VALUE_MAX", "PMIServer", "clean_after", "new_kvsname", "pid_alive",
+           "ping", "remove_segments", "shm_segments", "world_id"]
 
 KVSNAME_MAX = 256
 KEY_MAX = 64
@@ -79,6 +79,12 @@ def shm_segments(kvsname: str, root: str = "/dev/shm") -> list[Path]:
         return []
     return sorted(p for pattern in (f"mpich_shm_{wid}_*", f"mpich_vci_{wid}_*")
                   for p in base.glob(pattern))
+
+
+def remove_segments(kvsname: str) -> None:
+    """Remove the job's segments on this host (those that exist; absent ones are fine)."""
+    for path in shm_segments(kvsname):
+        path.unlink(missing_ok=True)
 
 
 def ping(address: str, port: int, timeout: float = 5.0) -> bool:
@@ -268,11 +274,7 @@ class PMIServer:
                 self._drop(client)
             self.selector.close()
             self.listener.close()
-            for path in shm_segments(self.kvsname):
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
+            remove_segments(self.kvsname)
         return len(self.connected)
 
 
@@ -281,15 +283,12 @@ def clean_after(kvsname: str, pids: list[int], poll_s: float = 0.5) -> None:
     shared-memory segments on this host: the server does so on its own host only."""
     while pids:
         time.sleep(poll_s)
-        pids = [pid for pid in pids if _alive(pid)]
-    for path in shm_segments(kvsname):
-        try:
-            path.unlink()
-        except OSError:
-            pass
+        pids = [pid for pid in pids if pid_alive(pid)]
+    remove_segments(kvsname)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` (on this host) still runs; a zombie counts as exited."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -15,7 +15,6 @@ world of the same ranks.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -303,16 +302,14 @@ def _clean_this_host_after(store: Any, arrived: list[str], rank: int, server_ide
 def _leave_without_server(address: str, port: int, kvsname: str) -> None:
     # (Imported here, not at the top: `python -m commrt.transports.pmi` imports this
     # package first, and runpy warns about a module imported before it runs as __main__.)
-    from .pmi import ping, shm_segments
+    from .pmi import ping, remove_segments
 
     if ping(address, port):
         return
     sys.stderr.write(f"commrt: this job's PMI server ({address}:{port}) is gone (killed?): "
                      "MPI cannot finalize, so this rank exits without MPI_Finalize, "
                      "status 1\n")
-    for path in shm_segments(kvsname):      # the server would have removed them
-        with contextlib.suppress(OSError):
-            path.unlink()
+    remove_segments(kvsname)                # the server would have removed them
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(1)
