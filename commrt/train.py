@@ -22,7 +22,7 @@ What the numbers mean:
   size. Control traffic of the script itself (metrics, evaluation) goes through raw MPI and is
   not counted. torch's gloo backend (``--backend gloo``) is invisible to the counters.
 - ``comm_s``: exposed communication time, the step time minus the compute-only step time
-  (DESIGN.md §6). The compute-only time is measured once before training on a copy of the
+  (docs/design.md §6). The compute-only time is measured once before training on a copy of the
   model: forward+backward per micro-batch plus one AdamW step, all ranks at once.
 """
 from __future__ import annotations

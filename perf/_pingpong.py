@@ -8,7 +8,7 @@ the α–β fit can be exercised without the rest of commrt. Run under mpirun::
 Records (one per op and size, written by rank 0): op ("pingpong" | "allreduce"),
 impl "mpi4py", bytes (message / array size), count, dtype, time_us (one-way for
 pingpong, per call for allreduce), algbw_gbps, busbw_gbps, world_size, wire_bytes
-(bytes each rank puts on the wire per call, by the DESIGN.md formulas).
+(bytes each rank puts on the wire per call, by the formulas of docs/design.md §5).
 """
 from __future__ import annotations
 

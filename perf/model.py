@@ -6,7 +6,7 @@ For one (benchmark, op, implementation, link) the time of a call on P ranks movi
 
 with m(P) the latency rounds of one call (messages per rank: the record's ``messages``
 field, else the formula of ``latency_rounds``), w the wire bytes per rank (the record's
-``wire_bytes``, else the DESIGN.md volume formula) and P·w the bytes the whole job puts
+``wire_bytes``, else the volume formula of docs/design.md §5) and P·w the bytes the whole job puts
 on the fabric at once (w for point-to-point ops, where one message is in flight). β_rank is the cost per byte of one rank's link (per-node NIC, memory copies);
 β_link the cost per byte of a link every rank shares (the flat shaped loopback of
 perf/netem.py: all ranks' bytes cross one tbf). All coefficients are fitted non-negative on
@@ -35,7 +35,7 @@ from perf.netem import link_rate_bps
 
 TERMS = ("c", "alpha", "beta_rank", "beta_link")
 
-# nccl-tests bus-bandwidth factors (DESIGN.md section 6); wire bytes per rank per call of a
+# nccl-tests bus-bandwidth factors (docs/design.md §6); wire bytes per rank per call of a
 # bandwidth-optimal algorithm are factor × array bytes for these ops.
 _BUS_FACTOR = {
     "allreduce": lambda p: 2 * (p - 1) / p,

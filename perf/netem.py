@@ -1,7 +1,7 @@
 """Run MPI jobs over emulated networks: plain shared memory, or shaped links in network namespaces.
 
 Two emulations, both confined to network namespaces created for the job and deleted
-afterwards, so nothing else on the machine is touched (DESIGN.md section 6):
+afterwards, so nothing else on the machine is touched (docs/design.md §6):
 
 * **flat** (``ranks_per_node=None``): one namespace whose loopback is shaped by ``tc tbf``
   at the requested rate; MPICH is forced onto TCP (``MPIR_CVAR_NOLOCAL=1``, netmod ofi,

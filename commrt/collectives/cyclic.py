@@ -1,7 +1,7 @@
 """Cyclic ring schedules: ring reductions whose progress is driven explicitly by the caller.
 
 A training loop that wants its communication spread over a step (Cyclic Data Parallelism,
-DESIGN.md section 5) cannot hand a whole all-reduce to MPI at the end of the step: it wants
+docs/design.md §5) cannot hand a whole all-reduce to MPI at the end of the step: it wants
 one small point-to-point transfer between every two pieces of compute. `CyclicRing` is that
 collective. It reduces one or more *stage* tensors around the ring of ranks
 0 -> 1 -> ... -> P-1 -> 0 with the classic chunked ring algorithm, one ring step per call::

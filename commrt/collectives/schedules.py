@@ -1,9 +1,9 @@
 """Communication schedules of the sparse collectives, as plain data (no communication).
 
 Kept apart from the collectives so that the schedules can be checked exhaustively in a
-single process (tests/test_sparse_schedule.py) and reused by the benchmarks.
+single process (tests/collectives/test_coll_schedules.py) and reused by the benchmarks.
 
-Notation (DESIGN.md section 5): a team has m ranks; the flattened gradient is split into
+Notation (docs/design.md §5): a team has m ranks; the flattened gradient is split into
 m blocks, block i owned by in-team rank i.
 """
 from __future__ import annotations

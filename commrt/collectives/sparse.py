@@ -6,7 +6,7 @@ this rank keeps for the next step, and nothing is lost or counted twice:
 
     Σ_ranks residual_after + P · tensor_after == Σ_ranks X          (to float rounding)
 
-SparDL (DESIGN.md section 5), with P ranks in d teams of m = P/d consecutive ranks
+SparDL (docs/design.md §5), with P ranks in d teams of m = P/d consecutive ranks
 (team t = ranks t·m ... t·m+m-1; in-team rank = rank mod m):
 
 1. Spar-Reduce-Scatter inside each team. X is padded to m·c (c = ⌈n/m⌉) and split into m
@@ -36,8 +36,8 @@ block-local (uint16 when c <= 65536, else int32): 6 bytes a pair for float32 plu
 
 The final all-gather sends k_b slots per block plus a 4-byte count (a union smaller than
 k_b is zero-padded); all other messages carry exactly their pairs. With d = 1 the total
-is ≈ 2·(m−1)·k_b·pair_bytes, within DESIGN.md's 4k(P−1)/P words (a pair <= 2 words) up to
-the headers and the (m−1)·4 count bytes (asserted in tests/test_sparse_allreduce.py).
+is ≈ 2·(m−1)·k_b·pair_bytes, within docs/design.md's 4k(P−1)/P words (a pair <= 2 words) up to
+the headers and the (m−1)·4 count bytes (asserted in tests/collectives/test_coll_sparse.py).
 
 Baselines: `topka` (every rank's exact top-k, k = ⌈ρn⌉, all-gathered: (P-1)·pk(k),
 kind "topka.all_gather"), `gtopk` (global top-k by recursive doubling: every step

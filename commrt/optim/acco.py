@@ -14,7 +14,7 @@ They differ in what runs while the round is on the wire:
 - `DPU` (delayed parameter update): the round for the gradients of step t−1 runs on the
   communication thread while compute produces the gradients of step t at θ_t:
   θ_{t+1} = AdamW(θ_t, ḡ(θ_{t−1})); the first step only computes (θ_1 = θ_0).
-- `ACCO`: two rounds per optimizer step (DESIGN.md section 5). Round A, the *estimate*:
+- `ACCO`: two rounds per optimizer step (docs/design.md §5). Round A, the *estimate*:
   a dry-run AdamW step (state copied, stepped, restored; the schedule does not advance)
   from h_t, the gradients at θ̃_t, gives θ̃_{t+1} = AdamW_dry(θ_t, h_t), while compute
   accumulates g_t at θ_t. Round B, the *real* step: θ_{t+1} = AdamW(θ_t, mean of h_t and

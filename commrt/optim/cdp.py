@@ -10,7 +10,7 @@ F_0 .. F_{K−1}, backward B_{K−1} .. B_0. As soon as stage l's gradient is co
 reduction starts on a `CyclicRing` (commrt.collectives.cyclic) and every later piece of
 stage compute is followed by one `advance()`, so the 2(N−1) point-to-point transfers of
 each stage are spread over the rest of the step and the next one instead of one burst at
-the end. Update rules (ḡ_t: mean over ranks of the step-t gradients, DESIGN.md section 5):
+the end. Update rules (ḡ_t: mean over ranks of the step-t gradients, docs/design.md §5):
 
 - ``"v1"``: every stage is updated with ḡ_{t−1} (uniform one-step delay): its ring has a
   whole step of compute to hide behind. Step 0 computes only. All ranks stay identical.

@@ -13,7 +13,7 @@ clipping, one AdamW step (decoupled weight decay on matrices and embeddings only
 Per-rank wire bytes per step, for a model of n parameters of 4 bytes on P ranks:
 - dense (`ddp`): the allreduce's 2(P−1)/P · 4n (the transport's count for a ring allreduce);
 - `spardl`: at most 4ρn·4(P−1)/P plus pack headers (Spar-Reduce-Scatter + Spar-All-Gather,
-  DESIGN.md §5; a pair is 2 words), `topka`: 2(P−1)ρn words, `gtopk`: 2ρn·log2 P words;
+  docs/design.md §5; a pair is 2 words), `topka`: 2(P−1)ρn words, `gtopk`: 2ρn·log2 P words;
 - `quant8`/`quant1`: the quantized two-phase allreduce, ≈ 2(P−1)/P · n · bits/8 plus one fp32
   scale per block.
 (See `commrt.collectives` for the exact formulas; the training script measures the real

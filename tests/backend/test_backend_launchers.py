@@ -4,7 +4,7 @@ commrt's PMI server (commrt.transports.pmi); its failure cases; the server's pro
 
 Every job runs in a fresh subprocess with a timeout (a hang fails the test), in an
 environment stripped of mpirun's variables. DDP results are checked in the ranks against
-one process training on the whole batch (tests/_launcher_worker.py)."""
+one process training on the whole batch (tests/support/_launcher_worker.py)."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,7 @@ from commrt.transports import pmi
 from commrt.transports.rendezvous import PMI_STORE_KEY, network_identity, pmi_bootstrap
 from mpi_harness import REPO_ROOT, mpi_env
 
-WORKER = str(Path(__file__).with_name("_launcher_worker.py"))
+WORKER = str(Path(__file__).parents[1] / "support" / "_launcher_worker.py")
 LAUNCHER_PREFIXES = ("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_")
 
 

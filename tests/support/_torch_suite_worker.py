@@ -2,7 +2,7 @@
 
 Usage (started by `_torch_suite.run_suite`, never by hand)::
 
-    mpirun -n 3 python tests/_torch_suite_worker.py BACKEND JOB_DIR DONE_FILE SELECT_JSON
+    mpirun -n 3 python tests/support/_torch_suite_worker.py BACKEND JOB_DIR DONE_FILE SELECT_JSON
 
 DONE_FILE names tests an earlier job of the run already decided; SELECT_JSON is a list of
 substrings (empty: every test).
@@ -131,7 +131,7 @@ def _open_as_for_mpi(original: Callable) -> Callable:
     source = inspect.getsource(original)
     if 'os.environ["BACKEND"] != "mpi"' not in source:
         raise RuntimeError(f"torch changed {original.__name__}; review how "
-                           "tests/_torch_suite_worker.py opens it")
+                           "tests/support/_torch_suite_worker.py opens it")
     return lambda func: func
 
 

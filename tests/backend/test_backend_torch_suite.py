@@ -1,10 +1,10 @@
 """PyTorch's own distributed test suite on commrt: ``DistributedTest._DistTestBase`` from
-the installed torch, on ``mpirun -n 3``, against ``tests/torch_suite_expected_commrt.txt``.
+the installed torch, on ``mpirun -n 3``, against ``tests/support/torch_suite_expected_commrt.txt``.
 
 How a test runs on each rank, which of torch's gates are opened for commrt and how the
 ranks agree on an outcome: `_torch_suite_worker`; hangs, crashes and the expected list:
 `_torch_suite`. ``COMMRT_TORCH_SUITE_BACKEND=gloo`` (or ``commrt,gloo``) runs the same
-harness on gloo against ``tests/torch_suite_expected_gloo.txt``, to compare pass counts.
+harness on gloo against ``tests/support/torch_suite_expected_gloo.txt``, to compare pass counts.
 The cheap tests below check the harness's own verdicts without launching anything.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_torch_suite_spawned_ranks_as_under_mpirun(capsys: pytest.CaptureFixture
     env = {k: v for k, v in mpi_env().items()
            if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_"))}
     select = [arg for name in SPAWNED for arg in ("-k", name)]
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_torch_suite_spawn.py")),
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "support" / "_torch_suite_spawn.py"),
                            *select], env=env, cwd=str(REPO_ROOT), capture_output=True,
                           text=True, timeout=840)
     summary = [line for line in proc.stdout.splitlines() if line.startswith("torch suite on")]

@@ -1,6 +1,6 @@
 """PyTorch's own spawn-based distributed harness (``TestDistBackend``) on commrt, no mpirun.
 
-    python tests/_torch_suite_spawn.py [-k SUBSTRING ...] [--backend commrt|gloo]
+    python tests/support/_torch_suite_spawn.py [-k SUBSTRING ...] [--backend commrt|gloo]
 
 This is how torch runs ``DistributedTest._DistTestBase`` itself (its
 ``test_distributed_spawn.py``): for every test, ``TestDistBackend`` spawns WORLD_SIZE (3)
@@ -12,7 +12,7 @@ new MPI world through commrt's PMI server (commrt.transports.pmi).
 Gates are opened exactly as in the mpirun harness (`_torch_suite_worker.import_suite`;
 here a test torch marks skipped for commrt but runs for gloo or mpi is given an unmarked
 method), so the outcomes compare with the mpirun harness's expected list
-(``tests/torch_suite_expected_BACKEND.txt``): the run prints each test's outcome, and
+(``tests/support/torch_suite_expected_BACKEND.txt``): the run prints each test's outcome, and
 every test whose outcome differs from that list, and exits non-zero if any does.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ runs on every rank, raises on failure) and the pytest test that launches it::
     def test_coll_allreduce(nprocs):
         run_ranks(_allreduce_worker, nprocs, n=1000)
 
-`run_ranks` starts ``mpirun -n N python tests/_mpi_worker.py FILE FUNCTION KWARGS`` in its
+`run_ranks` starts ``mpirun -n N python tests/support/_mpi_worker.py FILE FUNCTION KWARGS`` in its
 own process session. An exception on any rank aborts the whole job (the worker installs
 commrt's abort-on-error hook), and a job that outlives ``timeout`` seconds is killed with
 its process group: either way the test fails with every rank's output in the message.
@@ -33,7 +33,7 @@ from typing import Any, Callable
 from commrt.transports import mpirun_executable
 
 WORKER = Path(__file__).with_name("_mpi_worker.py")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 

@@ -176,7 +176,7 @@ def _check_wire_bytes(comm):
                 k = info["k"]
                 expect = (P - 1) * P * _pair_bytes(k, n) // P
                 assert delta == {"topka.all_gather": (expect, 1)}, delta
-                # DESIGN.md: 2(P-1)k words, plus the 8-byte header and alignment per rank
+                # docs/design.md §5: 2(P-1)k words, plus the 8-byte header and alignment per rank
                 assert expect <= 2 * (P - 1) * k * word + (P - 1) * 11
             elif alg == "gtopk":
                 k = info["k"]
@@ -184,7 +184,7 @@ def _check_wire_bytes(comm):
                 msgs = ceil_log2(p2) if rank < p2 else 1
                 msgs += 1 if rank < P - p2 else 0
                 assert delta == {"gtopk": (msgs * _pair_bytes(k, n), msgs)}, delta
-                if P == p2:   # DESIGN.md: 2k·log2 P words (+ header per message)
+                if P == p2:   # docs/design.md §5: 2k·log2 P words (+ header per message)
                     assert msgs * _pair_bytes(k, n) <= 2 * k * word * ceil_log2(P) + 11 * msgs
             else:
                 m, d, c, kb = P // teams, teams, info["c"], info["k_block"]
@@ -205,7 +205,7 @@ def _check_wire_bytes(comm):
                                             ceil_log2(d))
                 assert delta == expect, f"spardl teams={teams} {sag}: {delta} != {expect}"
                 if d == 1:
-                    # DESIGN.md: at most 4k(P-1)/P words (k = m·k_b), plus per message an
+                    # docs/design.md §5: at most 4k(P-1)/P words (k = m·k_b), plus per message an
                     # 8-byte header + alignment and 4 count bytes per all-gathered block
                     bound = 4 * m * kb * (P - 1) // P * word + 11 * 2 * ceil_log2(m) + 4 * (m - 1)
                     assert rs + ag <= bound, (rs, ag, bound)

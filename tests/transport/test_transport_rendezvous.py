@@ -12,7 +12,7 @@ from commrt.transports import rendezvous
 from commrt.transports import mpirun_executable
 from perf import netem
 
-WORKER = Path(__file__).with_name("_rendezvous_worker.py")
+WORKER = Path(__file__).parents[1] / "support" / "_rendezvous_worker.py"
 
 
 def test_backend_rendezvous_identity_and_addresses():

@@ -1,8 +1,8 @@
-"""Ranks started without mpirun, for tests/test_backend_launchers.py.
+"""Ranks started without mpirun, for tests/backend/test_backend_launchers.py.
 
-    python -m torch.distributed.run --nproc-per-node N tests/_launcher_worker.py ddp SEED
-    python tests/_launcher_worker.py spawn-ddp METHOD N SEED INIT_URL
-    python tests/_launcher_worker.py spawn-SCENARIO METHOD N INIT_URL
+    python -m torch.distributed.run --nproc-per-node N tests/support/_launcher_worker.py ddp SEED
+    python tests/support/_launcher_worker.py spawn-ddp METHOD N SEED INIT_URL
+    python tests/support/_launcher_worker.py spawn-SCENARIO METHOD N INIT_URL
 
 `ddp` trains DistributedDataParallel on the `commrt` backend and checks the parameters
 against one process training on the whole batch (the assertion fails the rank), then

@@ -4,12 +4,12 @@
 ``torch/testing/_internal/distributed/distributed_test.py`` on ``mpirun -n 3`` ranks (see
 `_torch_suite_worker` for how a rank runs a test, opens torch's CPU gates for commrt,
 and agrees on its outcome); `check` compares the agreed outcomes with an
-expected-outcomes file. Used by ``tests/test_torch_suite.py``, and by hand::
+expected-outcomes file. Used by ``tests/backend/test_backend_torch_suite.py``, and by hand::
 
-    python tests/_torch_suite.py                      # commrt, compared with its list
-    python tests/_torch_suite.py --backend gloo       # the same harness on gloo
-    python tests/_torch_suite.py -k all_gather -k barrier   # only tests whose names match
-    python tests/_torch_suite.py --print-expected     # the observed outcomes as list lines
+    python tests/support/_torch_suite.py                      # commrt, compared with its list
+    python tests/support/_torch_suite.py --backend gloo       # the same harness on gloo
+    python tests/support/_torch_suite.py -k all_gather -k barrier   # only tests whose names match
+    python tests/support/_torch_suite.py --print-expected     # the observed outcomes as list lines
 
 Hangs and crashes. A rank whose test outlives its watchdog (`_torch_suite_worker.
 test_limit_s`) dumps its stacks and ends the job; a rank that dies ends it too. The
@@ -18,7 +18,7 @@ their stacks) and starts a new job for the tests left, so one hang costs one tes
 the run. A job also ends after a test that failed (its communicators may hold unmatched
 operations), so a failure cannot spill into the next test either.
 
-Expected-outcomes file (``tests/torch_suite_expected_BACKEND.txt``): ``min_passed N``,
+Expected-outcomes file (``tests/support/torch_suite_expected_BACKEND.txt``): ``min_passed N``,
 then one line per test that is not expected to pass: its name, its expected outcome
 (skipped, failed, error or hang; or excluded: not run at all, for a test of a feature
 the backend does not have) and the reason, which is required. `check` fails on a
@@ -195,7 +195,7 @@ def _run_job(job_dir: Path, cmd: list[str], env: dict[str, str]) -> int | None:
     did not end it in time)."""
     with open(job_dir / "job.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=str(HERE.parent), start_new_session=True)
+                                cwd=str(HERE.parents[1]), start_new_session=True)
         launched = time.time()
         while True:
             try:
