@@ -21,9 +21,9 @@ on (seed, rank, i), so its state is one integer (`position`) — exact resume is
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

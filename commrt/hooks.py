@@ -27,7 +27,8 @@ rebuilt from them at its first call, whatever the bucket layout then.
 """
 # No `from __future__ import annotations` here: DDP's register_comm_hook inspects the
 # hooks' annotations and accepts only the real dist.GradBucket / Future[Tensor] objects.
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -40,9 +40,10 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 PROG = "commrt.train"
 
@@ -128,7 +129,7 @@ class MethodSpec:
 
     module: str
     attr: str
-    build: Callable[[argparse.Namespace, Any, "Context"], Any]
+    build: Callable[[argparse.Namespace, Any, Context], Any]
     help: str
 
 
@@ -203,6 +204,7 @@ def _edit_kwargs(args, ctx) -> dict[str, Any]:
 
 def _build_edit(args, model, ctx):
     import torch
+
     from commrt.optim.edit import EDiT
     inner = torch.optim.AdamW(model.parameters(), **_adamw_kwargs(args))
     return EDiT(model, inner, args.sync_interval, **_edit_kwargs(args, ctx))
@@ -210,6 +212,7 @@ def _build_edit(args, model, ctx):
 
 def _build_aedit(args, model, ctx):
     import torch
+
     from commrt.optim.edit import AEDiT
     inner = torch.optim.AdamW(model.parameters(), **_adamw_kwargs(args))
     # --sync-seconds 0: rounds of --sync-interval times the measured mean step time.
@@ -228,6 +231,7 @@ def _build_acco(mode: str):
 
 def _build_cdp(args, model, ctx):
     import torch
+
     from commrt.optim.cdp import CDP
     optimizer = torch.optim.AdamW(model.parameters(), **_adamw_kwargs(args))
     return CDP(model, optimizer, stages=args.stages, rule=args.rule,
@@ -634,6 +638,7 @@ def save_checkpoint(out: Path, step: int, rank: int, comm, state: dict) -> None:
     points `latest` at the new step and removes older steps. A crash at any moment leaves
     `latest` naming a complete checkpoint."""
     import io
+
     import torch
 
     root = out / "checkpoint"

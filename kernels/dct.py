@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 
@@ -62,7 +63,7 @@ def dct_chunk_size(dim: int, chunk: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def dct_basis(size: int, dtype: torch.dtype = torch.float32,
-              device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+              device: str | torch.device = "cpu") -> torch.Tensor:
     """The orthonormal DCT-II matrix ``[size, size]`` (rows = frequencies), cached."""
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
@@ -131,7 +132,7 @@ def _idct_2d_cpu(coeffs: torch.Tensor) -> torch.Tensor:
     return out.view(nr * cr, nc * cc).to(coeffs.dtype)
 
 
-def _dct(x: torch.Tensor, chunk: Chunk, impl: Optional[str]) -> torch.Tensor:
+def _dct(x: torch.Tensor, chunk: Chunk, impl: str | None) -> torch.Tensor:
     check_float(x, "x")
     if impl is None:
         impl = "cpu" if backend(x) == "cpu" else "torch"
@@ -173,7 +174,7 @@ def dct_chunks_cpu(x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
     return _dct(x, chunk, "cpu")
 
 
-def _idct(coeffs: torch.Tensor, chunk: Optional[Chunk], impl: Optional[str]) -> torch.Tensor:
+def _idct(coeffs: torch.Tensor, chunk: Chunk | None, impl: str | None) -> torch.Tensor:
     check_float(coeffs, "coeffs")
     if impl is None:
         impl = "cpu" if backend(coeffs) == "cpu" else "torch"
@@ -204,7 +205,7 @@ def _idct(coeffs: torch.Tensor, chunk: Optional[Chunk], impl: Optional[str]) -> 
                      f"got {coeffs.dim()}-D")
 
 
-def idct_chunks(coeffs: torch.Tensor, chunk: Optional[Chunk] = None) -> torch.Tensor:
+def idct_chunks(coeffs: torch.Tensor, chunk: Chunk | None = None) -> torch.Tensor:
     """Inverse of :func:`dct_chunks`: ``[m, c]`` -> 1-D, ``[R, S, cr, cs]`` -> 2-D.
 
     Dispatches as :func:`dct_chunks`. ValueError on non-float dtypes, other ranks, or
@@ -213,11 +214,11 @@ def idct_chunks(coeffs: torch.Tensor, chunk: Optional[Chunk] = None) -> torch.Te
     return _idct(coeffs, chunk, None)
 
 
-def idct_chunks_torch(coeffs: torch.Tensor, chunk: Optional[Chunk] = None) -> torch.Tensor:
+def idct_chunks_torch(coeffs: torch.Tensor, chunk: Chunk | None = None) -> torch.Tensor:
     """The torch reference of :func:`idct_chunks`."""
     return _idct(coeffs, chunk, "torch")
 
 
-def idct_chunks_cpu(coeffs: torch.Tensor, chunk: Optional[Chunk] = None) -> torch.Tensor:
+def idct_chunks_cpu(coeffs: torch.Tensor, chunk: Chunk | None = None) -> torch.Tensor:
     """The fast CPU form of :func:`idct_chunks`."""
     return _idct(coeffs, chunk, "cpu")

@@ -19,8 +19,6 @@ selected entries of the residual are zero and the others hold x.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .dispatch import backend, check_float, check_k
@@ -41,7 +39,7 @@ def _check_pair(grad: torch.Tensor, residual: torch.Tensor) -> None:
 
 
 def _error_feedback(grad: torch.Tensor, residual: torch.Tensor, k: int, exact: bool,
-                    block_size: Optional[int], impl: Optional[str]):
+                    block_size: int | None, impl: str | None):
     _check_pair(grad, residual)
     n = residual.numel()
     if block_size is not None:
@@ -88,7 +86,7 @@ def _add_into(res: torch.Tensor, g: torch.Tensor) -> None:
 
 
 def topk_error_feedback(grad: torch.Tensor, residual: torch.Tensor, k: int,
-                        exact: bool = True, block_size: Optional[int] = None):
+                        exact: bool = True, block_size: int | None = None):
     """Select the top-k of ``x = grad + residual``; residual <- x with the selected zeroed.
 
     ``residual`` (float, contiguous, same shape and device as ``grad``; grad may have
@@ -102,18 +100,18 @@ def topk_error_feedback(grad: torch.Tensor, residual: torch.Tensor, k: int,
 
 
 def topk_error_feedback_torch(grad: torch.Tensor, residual: torch.Tensor, k: int,
-                              exact: bool = True, block_size: Optional[int] = None):
+                              exact: bool = True, block_size: int | None = None):
     """The torch reference of :func:`topk_error_feedback`."""
     return _error_feedback(grad, residual, k, exact, block_size, "torch")
 
 
 def topk_error_feedback_cpu(grad: torch.Tensor, residual: torch.Tensor, k: int,
-                            exact: bool = True, block_size: Optional[int] = None):
+                            exact: bool = True, block_size: int | None = None):
     """The fast CPU implementation of :func:`topk_error_feedback` (CPU tensors)."""
     return _error_feedback(grad, residual, k, exact, block_size, "cpu")
 
 
 def topk_error_feedback_triton(grad: torch.Tensor, residual: torch.Tensor, k: int,
-                               exact: bool = True, block_size: Optional[int] = None):
+                               exact: bool = True, block_size: int | None = None):
     """The Triton implementation of :func:`topk_error_feedback` (one fused final pass)."""
     return _error_feedback(grad, residual, k, exact, block_size, "triton")

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -189,7 +188,7 @@ def _blocks_f32(v: torch.Tensor, block_size: int):
     return padded.view(nb, block_size), valid.view(nb, block_size)
 
 
-def _quantize_torch(x: torch.Tensor, res: Optional[torch.Tensor], bits: int, block_size: int):
+def _quantize_torch(x: torch.Tensor, res: torch.Tensor | None, bits: int, block_size: int):
     v = x.to(torch.float32)
     if res is not None:
         v = v + res.to(torch.float32)
@@ -276,9 +275,9 @@ def _as_f32(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _quantize_cpu(flat: torch.Tensor, res: Optional[torch.Tensor], bits: int,
+def _quantize_cpu(flat: torch.Tensor, res: torch.Tensor | None, bits: int,
                   block_size: int, inplace: bool = False,
-                  out: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The fast CPU quantize: with `res`, error feedback into it; with `inplace`, flat
     itself becomes the error flat - x_hat (in flat's dtype). `out`: (data, scales) to
     write into, else fresh."""
@@ -381,7 +380,7 @@ def _quantize_cpu(flat: torch.Tensor, res: Optional[torch.Tensor], bits: int,
     return data, scales
 
 
-def _dequantize_cpu(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _dequantize_cpu(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
     require_cpu(q.data, q.scales)
     n, bits, bs = q.numel, q.bits, q.block_size
     if out is None:
@@ -452,9 +451,9 @@ def _check_out(out, n: int, bits: int, block_size: int, device) -> None:
                          f" and float32 of {nb} elements on {device}")
 
 
-def _quantize(x: torch.Tensor, bits: int, block_size: int, residual: Optional[torch.Tensor],
-              impl: Optional[str], inplace: bool = False,
-              out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+def _quantize(x: torch.Tensor, bits: int, block_size: int, residual: torch.Tensor | None,
+              impl: str | None, inplace: bool = False,
+              out: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
     check_float(x, "x")
     _check_params(bits, block_size)
     res = None
@@ -505,8 +504,8 @@ def _quantize(x: torch.Tensor, bits: int, block_size: int, residual: Optional[to
 
 
 def quantize(x: torch.Tensor, bits: int, block_size: int = 256,
-             residual: Optional[torch.Tensor] = None, *,
-             out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+             residual: torch.Tensor | None = None, *,
+             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
     """Quantize flat x to ``bits`` (8, 4 or 1) with one float32 scale per block.
 
     See the module docstring for the formats and error bounds. ``residual`` enables error
@@ -519,28 +518,28 @@ def quantize(x: torch.Tensor, bits: int, block_size: int = 256,
 
 
 def quantize_torch(x: torch.Tensor, bits: int, block_size: int = 256,
-                   residual: Optional[torch.Tensor] = None, *,
-                   out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+                   residual: torch.Tensor | None = None, *,
+                   out: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
     """The torch reference of :func:`quantize`."""
     return _quantize(x, bits, block_size, residual, "torch", out=out)
 
 
 def quantize_cpu(x: torch.Tensor, bits: int, block_size: int = 256,
-                 residual: Optional[torch.Tensor] = None, *,
-                 out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+                 residual: torch.Tensor | None = None, *,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
     """The fast CPU implementation of :func:`quantize` (CPU tensors; one chunked pass)."""
     return _quantize(x, bits, block_size, residual, "cpu", out=out)
 
 
 def quantize_triton(x: torch.Tensor, bits: int, block_size: int = 256,
-                    residual: Optional[torch.Tensor] = None, *,
-                    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+                    residual: torch.Tensor | None = None, *,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
     """The Triton implementation of :func:`quantize` (one fused pass)."""
     return _quantize(x, bits, block_size, residual, "triton", out=out)
 
 
 def quantize_(x: torch.Tensor, bits: int, block_size: int = 256, *,
-              out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+              out: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
     """Quantize x (as :func:`quantize`) and leave its quantization error in x, in one pass:
     the result equals ``q = quantize(x); x.sub_(dequantize(q))`` (x_hat in x's dtype,
     subtracted in it). For error feedback where X itself becomes the new residual, without
@@ -555,26 +554,26 @@ def quantize_(x: torch.Tensor, bits: int, block_size: int = 256, *,
 
 
 def quantize_torch_(x: torch.Tensor, bits: int, block_size: int = 256, *,
-                    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
     """The torch reference of :func:`quantize_` (quantize, dequantize, subtract)."""
     return _quantize(x, bits, block_size, None, "torch", True, out)
 
 
 def quantize_cpu_(x: torch.Tensor, bits: int, block_size: int = 256, *,
-                  out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> QuantizedTensor:
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedTensor:
     """The fast CPU implementation of :func:`quantize_` (one chunked pass)."""
     return _quantize(x, bits, block_size, None, "cpu", True, out)
 
 
 def quantize_triton_(x: torch.Tensor, bits: int, block_size: int = 256, *,
-                     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> QuantizedTensor:
     """The Triton implementation of :func:`quantize_` (one fused pass)."""
     return _quantize(x, bits, block_size, None, "triton", True, out)
 
 
-def _dequantize(q: QuantizedTensor, impl: Optional[str],
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _dequantize(q: QuantizedTensor, impl: str | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     if not isinstance(q, QuantizedTensor):
         raise ValueError(f"dequantize takes a QuantizedTensor, got {type(q).__name__}")
     _check_params(q.bits, q.block_size)
@@ -607,23 +606,23 @@ def _dequantize(q: QuantizedTensor, impl: Optional[str],
     return out if out is not None else flat_out
 
 
-def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dequantize(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Flat tensor of ``q.numel`` elements in ``q.dtype`` decoded from ``q`` (dispatched as
     :func:`quantize`); with ``out`` (contiguous, ``q.numel`` elements of ``q.dtype``, on
     q's device) written into it and returned."""
     return _dequantize(q, None, out)
 
 
-def dequantize_torch(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dequantize_torch(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The torch reference of :func:`dequantize`."""
     return _dequantize(q, "torch", out)
 
 
-def dequantize_cpu(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dequantize_cpu(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The fast CPU implementation of :func:`dequantize` (CPU tensors)."""
     return _dequantize(q, "cpu", out)
 
 
-def dequantize_triton(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dequantize_triton(q: QuantizedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton implementation of :func:`dequantize`."""
     return _dequantize(q, "triton", out)

@@ -33,7 +33,7 @@ CPU already, so their CPU variants run the reference's code.
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -135,7 +135,7 @@ def _grid(k: int) -> int:
 # pack / unpack
 # ----------------------------------------------------------------------------------------
 def _pack(values: torch.Tensor, indices: torch.Tensor, block_size: int,
-          impl: Optional[str]) -> torch.Tensor:
+          impl: str | None) -> torch.Tensor:
     check_float(values, "values")
     if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point \
             or indices.dtype == torch.bool or indices.dtype.is_complex:
@@ -194,7 +194,7 @@ def _read_header(buf: torch.Tensor, dtype: torch.dtype, block_size: int) -> int:
     return k
 
 
-def _unpack(buf: torch.Tensor, dtype: torch.dtype, block_size: int, impl: Optional[str]):
+def _unpack(buf: torch.Tensor, dtype: torch.dtype, block_size: int, impl: str | None):
     k = _read_header(buf, dtype, block_size)
     if buf.storage_offset() % 8:
         # A slice of a larger receive buffer: the in-place typed views need alignment.
@@ -268,7 +268,7 @@ def unpack_sparse_triton(buf: torch.Tensor, dtype: torch.dtype, block_size: int)
 # scatter-add
 # ----------------------------------------------------------------------------------------
 def _scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                 impl: Optional[str]) -> torch.Tensor:
+                 impl: str | None) -> torch.Tensor:
     check_float(dense, "dense")
     check_float(values, "values")
     if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point \

@@ -50,14 +50,23 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .dispatch import (backend, check_finite, check_float, check_k, cpu_map, lazy_jit,
-                       require_cpu, require_triton, tl)
+from .dispatch import (
+    backend,
+    check_finite,
+    check_float,
+    check_k,
+    cpu_map,
+    lazy_jit,
+    require_cpu,
+    require_triton,
+    tl,
+)
 
 APPROX_EPS = 0.05
 """Approximate top-k returns between k and floor((1 + APPROX_EPS) * k) entries."""
@@ -162,7 +171,7 @@ class _Rows:
     budgets: torch.Tensor   # int64 [R] = min(k, length)
 
     @staticmethod
-    def make(n: int, row_len: int, k: int, device: torch.device) -> "_Rows":
+    def make(n: int, row_len: int, k: int, device: torch.device) -> _Rows:
         row_len = min(row_len, n)   # one block longer than x: a single row of n
         num_rows = -(-n // row_len)
         lengths = torch.full((num_rows,), row_len, dtype=torch.int64, device=device)
@@ -178,7 +187,7 @@ def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.to(_INT_VIEW[dtype]).view(dtype)
 
 
-def _magnitudes(x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+def _magnitudes(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return (x.to(y.dtype) + y).abs() if y is not None else x.abs()
 
 
@@ -191,7 +200,7 @@ def _column(counts: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
 CountFn = Callable[[torch.Tensor, bool], torch.Tensor]
 
 
-def _search(x: torch.Tensor, y: Optional[torch.Tensor], rows: _Rows, exact: bool,
+def _search(x: torch.Tensor, y: torch.Tensor | None, rows: _Rows, exact: bool,
             fixed_count: bool, count: CountFn, num_chunks: int, chunk: int):
     """Find, per row, the thresholds and tie quota of the selection.
 
@@ -278,7 +287,7 @@ def _search(x: torch.Tensor, y: Optional[torch.Tensor], rows: _Rows, exact: bool
 # ----------------------------------------------------------------------------------------
 # The two implementations of the passes
 # ----------------------------------------------------------------------------------------
-def _select_triton(x: torch.Tensor, y: Optional[torch.Tensor], rows: _Rows, exact: bool,
+def _select_triton(x: torch.Tensor, y: torch.Tensor | None, rows: _Rows, exact: bool,
                    fixed_count: bool):
     require_triton(x)
     chunk = min(COUNT_CHUNK, max(16, 1 << (rows.row_len - 1).bit_length()))
@@ -322,7 +331,7 @@ def _padded_magnitudes(v: torch.Tensor, rows: _Rows) -> torch.Tensor:
     return a.view(rows.num_rows, rows.row_len)
 
 
-def _select_torch_search(x: torch.Tensor, y: Optional[torch.Tensor], rows: _Rows,
+def _select_torch_search(x: torch.Tensor, y: torch.Tensor | None, rows: _Rows,
                          exact: bool, fixed_count: bool):
     """The approximate reference: the same search, with torch passes (one chunk per row)."""
     v = x.to(y.dtype) + y if y is not None else x
@@ -416,8 +425,8 @@ _NP_INT = {torch.float16: np.int16, torch.bfloat16: np.int16, torch.float32: np.
 class _CpuSource:
     """The entries ``v = x`` (or ``x.to(y.dtype) + y``) of flat CPU tensors as raw bits."""
 
-    def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor],
-                 name: Optional[str] = None) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None,
+                 name: str | None = None) -> None:
         # `name`: the input's name in the NaN/Inf error (default "x" or "grad + residual").
         self.name = name or ("grad + residual" if y is not None else "x")
         # Detached: the numpy views below refuse tensors that require grad.
@@ -457,7 +466,7 @@ class _CpuSource:
         v = torch.from_numpy(x).view(self.x.dtype).to(self.dtype) + y
         return v.view(self.itype).numpy()
 
-    def magnitudes(self, bits: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    def magnitudes(self, bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.bitwise_and(bits, self.mask, out=out)
 
     def scratch(self, name: str, size: int, dtype) -> np.ndarray:
@@ -655,7 +664,7 @@ def _cpu_finish_rows(pos, bits, mags, starts, base: int, L: int, k: int, kth):
     return pos[out] - base - row_of[out] * L, bits[out], np.full(R, k, dtype=np.int64)
 
 
-def _select_cpu(x: torch.Tensor, y: Optional[torch.Tensor], row_len: int, k: int,
+def _select_cpu(x: torch.Tensor, y: torch.Tensor | None, row_len: int, k: int,
                 exact: bool, fixed_count: bool):
     require_cpu(*(t for t in (x, y) if t is not None))
     src = _CpuSource(x, y)
@@ -682,7 +691,7 @@ def _select_cpu(x: torch.Tensor, y: Optional[torch.Tensor], row_len: int, k: int
     return values, torch.from_numpy(positions), torch.from_numpy(counts)
 
 
-def run_select(x: torch.Tensor, y: Optional[torch.Tensor], row_len: int, k: int,
+def run_select(x: torch.Tensor, y: torch.Tensor | None, row_len: int, k: int,
                exact: bool, fixed_count: bool, impl: str):
     """The selection behind every public function of this module and ``error_feedback``.
 
@@ -716,7 +725,7 @@ def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------
-def _magnitude(x: torch.Tensor, k: int, exact: bool, impl: Optional[str]):
+def _magnitude(x: torch.Tensor, k: int, exact: bool, impl: str | None):
     flat = _flat(x, "x")
     k = check_k(k, flat.numel())
     if flat.numel() == 0:
@@ -758,7 +767,7 @@ def topk_magnitude_triton(x: torch.Tensor, k: int, exact: bool = True):
     return _magnitude(x, k, exact, "triton")
 
 
-def _blocks(x: torch.Tensor, block_size: int, k: int, exact: bool, impl: Optional[str]):
+def _blocks(x: torch.Tensor, block_size: int, k: int, exact: bool, impl: str | None):
     flat = _flat(x, "x")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -803,7 +812,7 @@ def topk_blocks_triton(x: torch.Tensor, block_size: int, k: int, exact: bool = T
 # ----------------------------------------------------------------------------------------
 # The candidate pass on its own: entries at or above a per-row threshold
 # ----------------------------------------------------------------------------------------
-def _above(rows: torch.Tensor, thresholds: torch.Tensor, impl: Optional[str]):
+def _above(rows: torch.Tensor, thresholds: torch.Tensor, impl: str | None):
     check_float(rows, "rows")
     check_float(thresholds, "thresholds")
     if rows.dim() != 2:

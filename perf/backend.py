@@ -59,8 +59,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from commrt.transports.rendezvous import MPI_LAUNCHER_ENV
 from perf.netem import REPO_ROOT, job_env, launch_mpi

@@ -35,7 +35,7 @@ import os
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -41,9 +41,9 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -109,9 +109,9 @@ class Case:
     impl: str
     fn: Callable[[], object]
     traffic: float                       # compulsory bytes moved
-    baseline: Optional[str] = None       # key of the case this one is compared with
-    density: Optional[float] = None
-    setup: Optional[Callable[[], object]] = None
+    baseline: str | None = None       # key of the case this one is compared with
+    density: float | None = None
+    setup: Callable[[], object] | None = None
     extra: dict = field(default_factory=dict)
     walls: list = field(default_factory=list)
     cpus: list = field(default_factory=list)
@@ -275,7 +275,7 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", help="comma-separated element counts (k/m suffixes); default "
                     f"{CPU_SIZES} on CPU, {GPU_SIZES} on CUDA")

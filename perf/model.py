@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -127,7 +127,7 @@ class AlphaBeta:
         coef = self.for_link(link).coefficients() if link else self.coefficients()
         return float(features(rec) @ coef) * 1e6
 
-    def for_link(self, link: str) -> "AlphaBeta":
+    def for_link(self, link: str) -> AlphaBeta:
         """This model moved to another shaped rate (see module docstring)."""
         old, new = link_rate_bps(self.link), link_rate_bps(link)
         if old is None or new is None:

@@ -41,9 +41,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from commrt.transports import mpirun_executable
 from commrt.transports.pmi import pid_alive

@@ -14,11 +14,27 @@ import threading
 from typing import Any
 
 from .counters import WireCounter, snapshot_delta, wire
-from .mpi import (ANY_SOURCE, ANY_TAG, Communicator, Request, Wakeup, cuda_aware,
-                  install_abort_on_error, library_version, mpirun_executable, oversubscribed,
-                  wait_all, world)
-from .rendezvous import (install_env_rendezvous, launched_by_mpi, mpi_started, mpi_tcp_store,
-                         pmi_bootstrap)
+from .mpi import (
+    ANY_SOURCE,
+    ANY_TAG,
+    Communicator,
+    Request,
+    Wakeup,
+    cuda_aware,
+    install_abort_on_error,
+    library_version,
+    mpirun_executable,
+    oversubscribed,
+    wait_all,
+    world,
+)
+from .rendezvous import (
+    install_env_rendezvous,
+    launched_by_mpi,
+    mpi_started,
+    mpi_tcp_store,
+    pmi_bootstrap,
+)
 
 __all__ = [
     "ANY_SOURCE", "ANY_TAG", "Communicator", "Request", "WireCounter", "cuda_aware",

@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 import threading
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,7 @@ class TableCheck:
         self.lock = threading.Lock()
         self.done = False
 
-    def wait(self) -> "TableCheck":
+    def wait(self) -> TableCheck:
         if not self.done:
             with self.lock:
                 if not self.done:

@@ -24,7 +24,8 @@ import threading
 import time
 import traceback
 import zlib
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -322,7 +323,7 @@ class _Progress:
         self.stopped = False
         self.thread: threading.Thread | None = None
 
-    def watch(self, req: "Request") -> None:
+    def watch(self, req: Request) -> None:
         ring = self.ring
         if len(ring) >= self.RING:
             old = ring.popleft()
@@ -489,7 +490,7 @@ class Wakeup:
         self._recv = Wakeup._comm.Irecv([self._buf, 1, MPI.BYTE], 0, self._tag)
 
     @classmethod
-    def of_thread(cls) -> "Wakeup":
+    def of_thread(cls) -> Wakeup:
         """The calling thread's Wakeup (created on first use)."""
         wakeup = getattr(cls._local, "wakeup", None)
         if wakeup is None:
@@ -572,7 +573,7 @@ class Request:
             _progress.watch(self)
 
     @classmethod
-    def completed(cls, staged: Sequence[_Staged] = ()) -> "Request":
+    def completed(cls, staged: Sequence[_Staged] = ()) -> Request:
         req = cls([], staged)
         req._complete(None)
         return req
@@ -642,7 +643,7 @@ class Request:
 
     # -- completion -------------------------------------------------------------------
 
-    def wait(self) -> "Request":
+    def wait(self) -> Request:
         """Block until complete (or, with a check, until the ranks are found to disagree)."""
         if self._done or self.agreed is False:
             return self
@@ -859,12 +860,12 @@ class Communicator:
 
     # -- groups -----------------------------------------------------------------------
 
-    def dup(self) -> "Communicator":
+    def dup(self) -> Communicator:
         """Collective: a communicator of the same ranks whose messages never match this
         one's (MPI_Comm_dup); release it with `free()`."""
         return Communicator(self.mpi.Dup())
 
-    def split(self, color: int | None, key: int = 0) -> "Communicator | None":
+    def split(self, color: int | None, key: int = 0) -> Communicator | None:
         """Collective: ranks with the same color form a new communicator, ordered by key.
 
         A rank passing color None gets None back (MPI_UNDEFINED).
@@ -873,7 +874,7 @@ class Communicator:
         new = self.mpi.Split(MPI.UNDEFINED if color is None else int(color), int(key))
         return None if new == MPI.COMM_NULL else Communicator(new)
 
-    def subgroup(self, ranks: Sequence[int]) -> "Communicator | None":
+    def subgroup(self, ranks: Sequence[int]) -> Communicator | None:
         """Collective over this communicator: a communicator of `ranks` (in this
         communicator's numbering, in that order); None on ranks not listed."""
         ranks = [int(r) for r in ranks]
@@ -887,7 +888,7 @@ class Communicator:
         group.Free()
         return None if new == MPI.COMM_NULL else Communicator(new)
 
-    def create_group(self, ranks: Sequence[int]) -> "Communicator":
+    def create_group(self, ranks: Sequence[int]) -> Communicator:
         """A communicator of `ranks` (this communicator's numbering), created by those
         members alone (MPI_Comm_create_group): the other ranks need not take part.
 
@@ -906,7 +907,7 @@ class Communicator:
         finally:
             group.Free()
 
-    def split_shared_memory(self) -> "Communicator":
+    def split_shared_memory(self) -> Communicator:
         """Collective: the ranks of this communicator that share memory (one node)."""
         MPI = _mpi()
         return Communicator(self.mpi.Split_type(MPI.COMM_TYPE_SHARED, self.rank))
@@ -1201,7 +1202,7 @@ class Communicator:
 
     # -- lifetime ---------------------------------------------------------------------
 
-    def congruent(self, other: "Communicator") -> bool:
+    def congruent(self, other: Communicator) -> bool:
         """Whether `other` holds the same ranks in the same order (the same communicator or
         a duplicate of it)."""
         MPI = _mpi()

@@ -21,8 +21,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 import torch.distributed as dist
 
@@ -263,7 +264,7 @@ def pmi_bootstrap(store: Any, rank: int, size: int,
     _clean_this_host_after(store, arrived, rank, identity, kvsname)
     address = _address_of(identity, addresses, port, seconds, "PMI server")
     # A server that died (or was killed) would make MPI_Init crash, not fail: look first.
-    from .pmi import ping   # (not at the top: see _leave_without_server)
+    from .pmi import ping  # (not at the top: see _leave_without_server)
 
     if not ping(address, port):
         raise RuntimeError(f"commrt: rank 0's PMI server at {address}:{port} is gone (it "

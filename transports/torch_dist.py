@@ -7,7 +7,8 @@ the same accounting rule.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,7 @@ class TorchWorkRequest:
         else:
             self._callbacks.append(fn)
 
-    def wait(self) -> "TorchWorkRequest":
+    def wait(self) -> TorchWorkRequest:
         if not self._done:
             for w in self._works:
                 w.wait()
@@ -94,12 +95,12 @@ class TorchDistCommunicator:
 
     # -- groups -----------------------------------------------------------------------
 
-    def subgroup(self, ranks: Sequence[int]) -> "TorchDistCommunicator | None":
+    def subgroup(self, ranks: Sequence[int]) -> TorchDistCommunicator | None:
         """Collective over the *default* group (torch's new_group rule)."""
         pg = dist.new_group([self._global(r) for r in ranks])
         return TorchDistCommunicator(pg) if self.rank in ranks else None
 
-    def split(self, color: int | None, key: int = 0) -> "TorchDistCommunicator | None":
+    def split(self, color: int | None, key: int = 0) -> TorchDistCommunicator | None:
         pairs = self.allgather_object((color, key, self.rank))
         mine = None
         for c in sorted({c for c, _, _ in pairs if c is not None}):

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,8 +35,18 @@ import torch.distributed as dist
 from commrt import transports as T
 from commrt.transports.agreement import TableCheck, debug_detail, encode_signature
 
-from .validation import (SUPPORTED_DEVICES, agreement_error, check_tensor, group_rank,
-                         reduction, row_numel, same_dtype, same_pair_dtype, single, splits)
+from .validation import (
+    SUPPORTED_DEVICES,
+    agreement_error,
+    check_tensor,
+    group_rank,
+    reduction,
+    row_numel,
+    same_dtype,
+    same_pair_dtype,
+    single,
+    splits,
+)
 from .watchdog import watchdog
 from .work import CommrtWork, completer, timeout_seconds
 
@@ -178,7 +189,7 @@ class CommrtProcessGroup(dist.ProcessGroup):
         self._group_desc = desc
         super()._set_group_desc(desc)
 
-    def _get_backend(self, device: Any = None) -> "CommrtProcessGroup":
+    def _get_backend(self, device: Any = None) -> CommrtProcessGroup:
         if device is not None and torch.device(device).type not in SUPPORTED_DEVICES:
             raise ValueError(f"commrt backend has no implementation for device {device}")
         return self

@@ -56,9 +56,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout

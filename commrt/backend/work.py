@@ -21,8 +21,9 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,7 @@ class Completer:
     def in_callback(self) -> bool:
         return getattr(self.local, "active", False)
 
-    def enqueue(self, work: "CommrtWork") -> None:
+    def enqueue(self, work: CommrtWork) -> None:
         self.queue.append(work)
         with self.wakeup:
             if self.thread is None:
@@ -72,7 +73,7 @@ class Completer:
             self.queue.popleft()
         return True
 
-    def settle(self, upto: "CommrtWork | None" = None) -> None:
+    def settle(self, upto: CommrtWork | None = None) -> None:
         """Complete queued futures in order: all of them, or up to and including `upto`."""
         while self.queue:
             if upto is not None and upto.future_resolved:

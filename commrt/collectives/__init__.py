@@ -5,9 +5,19 @@ Sparse (SparDL and baselines): `sparse_allreduce`, `SparseAllreduce`, `spar_redu
 plain data in `commrt.collectives.schedules`; the wait/compute split of a call's time in
 `commrt.collectives.timing`.
 """
-from .schedules import (bruck_allgather_schedule, recursive_doubling_schedule,  # noqa: F401
-                        spardl_block_schedule, spardl_round_plan)
-from .sparse import (ALGORITHMS, SAG_VARIANTS, SparseAllreduce, spar_all_gather,  # noqa: F401
-                     spar_reduce_scatter, sparse_allreduce)
-from .quantized import QuantizedAllreduce, quantized_allreduce  # noqa: F401
 from .cyclic import CyclicRing, RingTransfer, cyclic_allreduce  # noqa: F401
+from .quantized import QuantizedAllreduce, quantized_allreduce  # noqa: F401
+from .schedules import (  # noqa: F401
+                        bruck_allgather_schedule,
+                        recursive_doubling_schedule,
+                        spardl_block_schedule,
+                        spardl_round_plan,
+)
+from .sparse import (  # noqa: F401
+                        ALGORITHMS,
+                        SAG_VARIANTS,
+                        SparseAllreduce,
+                        spar_all_gather,
+                        spar_reduce_scatter,
+                        sparse_allreduce,
+)

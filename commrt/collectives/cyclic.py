@@ -45,8 +45,9 @@ in 2(P−1), P−1, P−1 messages per stage respectively. `expected_wire_bytes`
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

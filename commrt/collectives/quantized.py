@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from . import _kernels as KK
-from ._common import agree, check_pair, dtype_code, resolve_group, work_dtype
 from . import timing
+from ._common import agree, check_pair, dtype_code, resolve_group, work_dtype
 
 BITS = (8, 4, 1)
 

@@ -68,16 +68,15 @@ ValueError on every rank instead of hanging the others.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
 from . import _kernels as KK
-from ._common import agree, budget, check_pair, dtype_code, float_code, resolve_group, \
-    work_dtype
-from .schedules import bruck_allgather_schedule, recursive_doubling_schedule, \
-    spardl_round_plan
 from . import timing
+from ._common import agree, budget, check_pair, dtype_code, float_code, resolve_group, work_dtype
+from .schedules import bruck_allgather_schedule, recursive_doubling_schedule, spardl_round_plan
 
 ALGORITHMS = ("spardl", "topka", "gtopk", "dense")
 SAG_VARIANTS = ("bruck", "recursive")

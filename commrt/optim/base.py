@@ -13,7 +13,8 @@ targets)``. `step` returns the mean loss of the micro-batches it consumed, on th
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 

@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -34,7 +34,8 @@ the rebuilt layout. That probe's traffic is counted in the wire bytes of that st
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,7 +87,7 @@ class DataParallel:
     @classmethod
     def sparse(cls, model: nn.Module, *, density: float, algorithm: str = "spardl", teams: int = 1,
                process_group: Any = None, reuse_steps: int = 1, reuse_eps: float = 1.0,
-               **kwargs: Any) -> "DataParallel":
+               **kwargs: Any) -> DataParallel:
         """DDP whose buckets are reduced by `commrt.collectives.sparse_allreduce` with error
         feedback (`algorithm` spardl, topka or gtopk; residuals kept per bucket by the hook).
         reuse_steps / reuse_eps: threshold reuse (`hooks.SparseAllreduceState`; 1 = off)."""
@@ -100,7 +101,7 @@ class DataParallel:
 
     @classmethod
     def quantized(cls, model: nn.Module, *, bits: int, process_group: Any = None,
-                  **kwargs: Any) -> "DataParallel":
+                  **kwargs: Any) -> DataParallel:
         """DDP whose buckets are reduced by the quantized two-phase allreduce (8, 4 or 1 bit)
         with error feedback."""
         from commrt import hooks

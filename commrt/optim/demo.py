@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -128,11 +129,11 @@ class ChunkLayout:
     cc: int
 
     @classmethod
-    def for_tensor(cls, shape: Sequence[int], max_chunk: int, one_d: bool = False) -> "ChunkLayout":
+    def for_tensor(cls, shape: Sequence[int], max_chunk: int, one_d: bool = False) -> ChunkLayout:
         return _layout_for(tuple(int(s) for s in shape), int(max_chunk), bool(one_d))
 
     @classmethod
-    def _build(cls, shape: tuple[int, ...], max_chunk: int, one_d: bool) -> "ChunkLayout":
+    def _build(cls, shape: tuple[int, ...], max_chunk: int, one_d: bool) -> ChunkLayout:
         numel = math.prod(shape)
         if one_d or len(shape) < 2:
             return cls(shape, 1, numel, 1, chunk_size_for(numel, max_chunk))
@@ -217,7 +218,7 @@ def idct_sparse_chunks(values: torch.Tensor, indices: torch.Tensor, cr: int, cc:
     return _idct(dense.view(nchunks, 1, cr, cc)).view(nchunks, cr, cc)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layout_for(shape: tuple[int, ...], max_chunk: int, one_d: bool) -> ChunkLayout:
     # cached: optimizers ask for every parameter's layout on every step
     return ChunkLayout._build(shape, max_chunk, one_d)

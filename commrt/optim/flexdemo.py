@@ -38,13 +38,19 @@ the replication-group part). Transport kinds: ``"flexdemo.reduce_scatter"``,
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-
-from .demo import (_VALUE_BYTES, ChunkLayout, CoefficientCodec, _WireBytesInStateDict,
-                   idct_sparse_chunks, topk_per_chunk)
+from .demo import (
+    _VALUE_BYTES,
+    ChunkLayout,
+    CoefficientCodec,
+    _WireBytesInStateDict,
+    idct_sparse_chunks,
+    topk_per_chunk,
+)
 from .mesh import HybridMesh, resolve_mesh
 
 _BASES = ("sign", "sgd", "adamw")

@@ -4,14 +4,12 @@ single-process float64 reference of the ranks' inputs. Skipped without CUDA; the
 CUDA-aware case is also skipped when the MPI library is not CUDA-aware."""
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from _backend_util import assert_close, init_commrt, rank_input
 from mpi_harness import mpi_env, run_ranks
 

@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from _backend_util import init_commrt
 from mpi_harness import run_ranks
 

@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-
 from _backend_util import assert_close, init_commrt, rank_input
 from mpi_harness import run_ranks
 

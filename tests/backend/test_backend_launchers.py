@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from mpi_harness import REPO_ROOT, mpi_env
 
 from commrt.transports import pmi
 from commrt.transports.rendezvous import PMI_STORE_KEY, network_identity, pmi_bootstrap
-from mpi_harness import REPO_ROOT, mpi_env
 
 WORKER = str(Path(__file__).parents[1] / "support" / "_launcher_worker.py")
 LAUNCHER_PREFIXES = ("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_")

@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 import torch.distributed as dist
-
 from _backend_util import ALL_DTYPES, FLOAT_DTYPES, assert_close, init_commrt, rank_input
 from mpi_harness import run_ranks
 

@@ -27,7 +27,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from _backend_util import init_commrt, rank_input
 from mpi_harness import run_ranks
 

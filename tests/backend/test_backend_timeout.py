@@ -11,7 +11,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
 from _backend_util import init_commrt
 from mpi_harness import run_ranks, run_ranks_status
 

@@ -13,9 +13,17 @@ import os
 from pathlib import Path
 
 import pytest
-
-from _torch_suite import (Expected, Outcome, SuiteRun, check, excluded, expected_path,
-                          read_expected, report, run_suite)
+from _torch_suite import (
+    Expected,
+    Outcome,
+    SuiteRun,
+    check,
+    excluded,
+    expected_path,
+    read_expected,
+    report,
+    run_suite,
+)
 from _torch_suite_worker import GateName
 
 SUITE_BACKENDS = [b.strip() for b in

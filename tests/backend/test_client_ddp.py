@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch.distributed as dist
-
 from _backend_util import init_commrt
 from _client_util import train_ddp_and_check
 from mpi_harness import run_ranks

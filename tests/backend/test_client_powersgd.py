@@ -12,7 +12,6 @@ import random
 import pytest
 import torch
 import torch.distributed as dist
-
 from _backend_util import init_commrt
 from _client_util import HIDDEN, global_batch, make_model, reference_params
 from mpi_harness import run_ranks

@@ -19,7 +19,6 @@ at 2 ranks.
 import copy
 
 import torch
-
 from mpi_harness import run_ranks
 
 
@@ -98,8 +97,12 @@ def _train_and_check(comm, pg, name, state, hook, exact):
 
 
 def _cases(pg, P):
-    from commrt.hooks import (QuantizedAllreduceState, SparseAllreduceState,
-                              quantized_allreduce_hook, sparse_allreduce_hook)
+    from commrt.hooks import (
+        QuantizedAllreduceState,
+        SparseAllreduceState,
+        quantized_allreduce_hook,
+        sparse_allreduce_hook,
+    )
 
     teams = P if P > 1 else 1
     return [

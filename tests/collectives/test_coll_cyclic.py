@@ -1,6 +1,5 @@
 """The cyclic ring schedule (commrt.collectives.cyclic): sums, spread schedule, wire bytes."""
 import pytest
-
 from mpi_harness import run_ranks
 
 

@@ -10,9 +10,7 @@ One launch per world size; each rank prints ``CHECK <name> rank <r> OK|FAIL``:
 - wire_bytes:   2(P-1)·(c·bits/8 + 4c/block) per rank, split between all-to-all and
                 all-gather (one message each).
 """
-import pytest
 import torch
-
 from mpi_harness import assert_check, checks_fixture, run_checks
 
 WORLD_SIZES = [2, 3, 5]

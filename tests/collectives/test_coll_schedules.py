@@ -1,9 +1,13 @@
 """Spar-Reduce-Scatter and all-gather schedules (single process, no MPI)."""
 import pytest
 
-from commrt.collectives.schedules import (bruck_allgather_schedule, ceil_log2,
-                                          recursive_doubling_schedule, spardl_block_schedule,
-                                          spardl_round_plan)
+from commrt.collectives.schedules import (
+    bruck_allgather_schedule,
+    ceil_log2,
+    recursive_doubling_schedule,
+    spardl_block_schedule,
+    spardl_round_plan,
+)
 
 
 def test_sparse_schedule_examples():

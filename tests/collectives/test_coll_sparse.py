@@ -20,7 +20,6 @@ import math
 
 import pytest
 import torch
-
 from mpi_harness import assert_check, checks_fixture, run_checks
 
 WORLD_SIZES = [2, 3, 4, 5, 6, 8]
@@ -156,8 +155,11 @@ def _pair_bytes(count, n_block):
 def _check_wire_bytes(comm):
     from commrt import transports as T
     from commrt.collectives import SparseAllreduce
-    from commrt.collectives.schedules import (bruck_allgather_schedule, ceil_log2,
-                                              spardl_block_schedule)
+    from commrt.collectives.schedules import (
+        bruck_allgather_schedule,
+        ceil_log2,
+        spardl_block_schedule,
+    )
 
     P, rank = comm.size, comm.rank
     n, density = 4000, 0.01

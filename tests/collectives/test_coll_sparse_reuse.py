@@ -21,7 +21,6 @@ import math
 
 import pytest
 import torch
-
 from mpi_harness import assert_check, checks_fixture, run_checks
 
 WORLD_SIZES = [1, 2, 3, 4, 5]

@@ -4,7 +4,6 @@ error feedback."""
 import importlib
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -2,7 +2,6 @@
 references of their update rules on the concatenated batches; the dry run leaves the
 optimizer state bit-identical; every rank ends with the same parameters."""
 import pytest
-
 from mpi_harness import run_ranks
 
 LR, BETAS, WD, EPS = 0.05, (0.9, 0.99), 0.1, 1e-8

@@ -3,7 +3,6 @@ sharded, several staggered workers per device), v2 applies the fresh or delayed 
 gradient per stage exactly by the rule for each rank, and staggering the workers of one
 device lowers the peak activation memory."""
 import pytest
-
 from mpi_harness import run_ranks
 
 K = 3
@@ -74,7 +73,6 @@ def _delayed_dp_reference(P: int, steps: int, W: int, make_opt, rows: int = 3, w
 def _v2_reference(P: int, steps: int, stage_of: list[int]):
     """Replica r updates stage l with the fresh mean gradient if l >= K-1-r, else with the
     previous step's (and skips the stage at step 0)."""
-    import torch
 
     replicas = [_model() for _ in range(P)]
     opts = [_sgd(m.parameters()) for m in replicas]

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from mpi_harness import run_ranks
 
 SHAPES = [(16, 24), (10,), (4, 3, 8), (7,)]

@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from mpi_harness import run_ranks
+from torch import nn
 
 
 def _model(seed: int) -> nn.Module:

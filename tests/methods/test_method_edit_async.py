@@ -8,9 +8,8 @@ import time
 
 import pytest
 import torch
-from torch import nn
-
 from mpi_harness import run_ranks
+from torch import nn
 
 
 def _model(seed: int) -> nn.Module:

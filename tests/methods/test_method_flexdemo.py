@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from mpi_harness import run_ranks
 
 SHAPES = [(6, 10), (10,), (3, 5, 2), (1,)]

@@ -4,7 +4,6 @@ world, the torch DeviceMesh over the same ranks."""
 from __future__ import annotations
 
 import pytest
-
 from mpi_harness import run_ranks
 
 

@@ -25,9 +25,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _client_util import train_ddp_and_check
 
 import commrt  # noqa: F401  (registers the backend)
-from _client_util import train_ddp_and_check
 
 STEPS, PER_RANK, LR = 3, 3, 0.05
 

@@ -55,9 +55,10 @@ import sys
 import time
 import traceback
 import unittest
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 WORLD_SIZE_FOR_SUITE = 3
 SUITE_MODULE = "torch.testing._internal.distributed.distributed_test"

@@ -5,8 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from commrt.model import (PRESETS, Block, GPTConfig, LMHead, TokenAndPositionEmbedding, build_gpt,
-                          count_parameters, lm_loss, preset)
+from commrt.model import (
+    PRESETS,
+    Block,
+    GPTConfig,
+    LMHead,
+    TokenAndPositionEmbedding,
+    build_gpt,
+    count_parameters,
+    lm_loss,
+    preset,
+)
 
 
 def _expected_parameters(c: GPTConfig) -> int:

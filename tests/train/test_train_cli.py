@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-
 from mpi_harness import REPO_ROOT, mpi_env, mpirun_executable
 
 

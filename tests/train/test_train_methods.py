@@ -1,6 +1,5 @@
 """Every --method of `python -m commrt.train` trains the tiny GPT for 50 steps at 4 ranks
 with a falling loss; spardl at density 0.01 puts at most 1/10 of ddp's bytes on the wire."""
-import pytest
 
 from mpi_harness import run_ranks
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mpi_harness import run_ranks
 
 ARGS = ["--model", "tiny", "--steps", "20", "--batch-size", "4", "--log-interval", "5",

@@ -1,7 +1,6 @@
 """Transport collectives against a single-process float64 reference, every dtype."""
 import pytest
 import torch
-
 from mpi_harness import run_ranks
 
 DTYPES = ["float64", "float32", "float16", "bfloat16", "int8", "int16", "int32", "int64",

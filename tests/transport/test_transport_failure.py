@@ -3,7 +3,6 @@ import time
 
 import pytest
 import torch
-
 from mpi_harness import run_ranks
 
 

@@ -1,7 +1,6 @@
 """Sub-communicators: split by color and explicit subgroups, on odd world sizes too."""
 import pytest
 import torch
-
 from mpi_harness import run_ranks
 
 

@@ -1,7 +1,6 @@
 """Transport point-to-point: tagged and wildcard receives, every dtype, exact wire bytes."""
 import pytest
 import torch
-
 from mpi_harness import run_ranks
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from commrt.transports import rendezvous
-from commrt.transports import mpirun_executable
+from commrt.transports import mpirun_executable, rendezvous
 from perf import netem
 
 WORKER = Path(__file__).parents[1] / "support" / "_rendezvous_worker.py"
