@@ -56,7 +56,7 @@ class _BucketResiduals:
         residual = torch.zeros_like(buf)
         if sum(numel for _, numel in layout) == buf.numel():
             offset = 0
-            for (pid, numel), p in zip(layout, params):
+            for pid, numel in layout:
                 view = residual[offset: offset + numel]
                 old = self._by_param.get(pid)
                 if old is not None and old.numel() == numel:

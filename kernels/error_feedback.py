@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from .dispatch import backend, check_float, check_k
-from .topk import CPU_CHUNK, run_select
+from .topk import run_select
+from .topk_cpu import CPU_CHUNK
 
 
 def _check_pair(grad: torch.Tensor, residual: torch.Tensor) -> None:

@@ -7,6 +7,13 @@ object with the Communicator interface. `wire` counts every byte sent, by kind.
 agrees on a torch.distributed TCPStore over MPI (`mpi_tcp_store`) and, where no MPI
 launcher started the job, forms MPI's world through a store (`pmi_bootstrap`, with the
 PMI server in `pmi`).
+
+Modules: `mpi` (the Communicator), `request` (its requests and background progress),
+`buffers` (tensors as MPI buffers, staging), `library` (mpi4py loaded on first use, MPICH
+defaults, CUDA awareness), `wakeup` (ending a blocking wait from another thread), `job`
+(the world, aborting the job on an uncaught error, `mpirun`), `counters`, `agreement`,
+`rendezvous`, `pmi`, `torch_dist` (the adapter over other torch backends), `flat` (many
+tensors as one flat, optionally sharded, buffer: `FlatLayout`, `flatten`, `unflatten_into`).
 """
 from __future__ import annotations
 
@@ -14,20 +21,10 @@ import threading
 from typing import Any
 
 from .counters import WireCounter, snapshot_delta, wire
-from .mpi import (
-    ANY_SOURCE,
-    ANY_TAG,
-    Communicator,
-    Request,
-    Wakeup,
-    cuda_aware,
-    install_abort_on_error,
-    library_version,
-    mpirun_executable,
-    oversubscribed,
-    wait_all,
-    world,
-)
+from .flat import FlatLayout, flatten, unflatten_into, unflatten_views
+from .job import install_abort_on_error, mpirun_executable, world
+from .library import cuda_aware, library_version
+from .mpi import ANY_SOURCE, ANY_TAG, Communicator
 from .rendezvous import (
     install_env_rendezvous,
     launched_by_mpi,
@@ -35,13 +32,15 @@ from .rendezvous import (
     mpi_tcp_store,
     pmi_bootstrap,
 )
+from .request import Request, wait_all
+from .wakeup import Wakeup, oversubscribed
 
 __all__ = [
-    "ANY_SOURCE", "ANY_TAG", "Communicator", "Request", "WireCounter", "cuda_aware",
-    "for_group", "install_abort_on_error", "install_env_rendezvous", "launched_by_mpi",
+    "ANY_SOURCE", "ANY_TAG", "Communicator", "FlatLayout", "Request", "WireCounter", "cuda_aware",
+    "flatten", "for_group", "install_abort_on_error", "install_env_rendezvous", "launched_by_mpi",
     "library_version",
     "mpi_started", "mpi_tcp_store", "mpirun_executable", "oversubscribed", "pmi_bootstrap",
-    "snapshot_delta", "Wakeup",
+    "snapshot_delta", "unflatten_into", "unflatten_views", "Wakeup",
     "wait_all", "wire", "world",
 ]
 

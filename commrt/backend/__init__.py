@@ -19,7 +19,10 @@ Layout
   broadcast, functional collectives) reach them through the pybind trampoline. Every
   operation takes one path (`_post`): settle pending futures, local checks, sequence
   number, agreement check, post, coalescing. It also explains the agreement modes
-  (``TORCH_DISTRIBUTED_DEBUG``).
+  (``TORCH_DISTRIBUTED_DEBUG``), and creates groups (`create_process_group`).
+- ops.py: the c10d operations themselves (`CollectiveOps`, a mixin of the process
+  group): each op's checks, signature and launch on the transport.
+- watchdog.py: per-operation timeouts and the timeout report.
 - work.py: `CommrtWork` (``wait()``, ``get_future()``) and the ordered completion of
   futures.
 - validation.py: local argument checks, the reductions table, agreement error messages.

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
 from commrt import transports as T
-from commrt.transports.mpi import ABORT_GRACE_S
+from commrt.transports.job import ABORT_GRACE_S
 
 __all__ = ["DEFAULT_GRACE_S", "EXIT_CODE", "GRACE_ENV", "Waiter", "Watchdog", "grace_seconds",
            "watchdog"]
@@ -345,7 +345,7 @@ class Watchdog:
                     key = f"{PROGRESS_KEY}{r}"
                     states[r] = json.loads(record.store.get(key)) \
                         if record.store.check([key]) else None
-            except Exception as exc:  # noqa: BLE001 (a dead store: report without it)
+            except Exception as exc:
                 problem = f"could not read the ranks' progress from the store ({exc})"
         missing: list[int] = []
         disagree: list[str] = []
@@ -464,7 +464,7 @@ class Watchdog:
     def _test(work: Any) -> bool:
         try:
             return work.test()
-        except Exception:  # noqa: BLE001 (its error is delivered by wait() and the future)
+        except Exception:
             return True
 
     def _publish(self, record: _Group, pending: Sequence[Any] = (),
@@ -497,7 +497,7 @@ class Watchdog:
                  [oldest.op, oldest.seq, now - oldest.posted, id(oldest) in blocked]}
         try:
             record.store.set(f"{PROGRESS_KEY}{group.rank()}", json.dumps(entry))
-        except Exception as exc:  # noqa: BLE001 (the store is gone: stop publishing to it)
+        except Exception as exc:
             record.store_error = str(exc)
             return
         record.published = state

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from . import _kernels as KK
+from . import local_ops as KK
 from . import timing
-from ._common import agree, check_pair, dtype_code, resolve_group, work_dtype
+from .inputs import agree, check_pair, dtype_code, resolve_group, work_dtype
 
 BITS = (8, 4, 1)
 

@@ -66,7 +66,7 @@ def test_kernel_dispatch_picks_fast_cpu_path(monkeypatch, mode, expect):
     # Every public top-k / error-feedback / pack / unpack / scatter-add entry point runs
     # the fast CPU code on CPU tensors in auto mode, the reference when COMMRT_KERNELS=torch.
     calls = []
-    real_select = topk._select_cpu
+    real_select = topk.select_cpu
     real_require = sparse_pack.require_cpu
 
     def spy_select(*args, **kwargs):
@@ -77,7 +77,7 @@ def test_kernel_dispatch_picks_fast_cpu_path(monkeypatch, mode, expect):
         calls.append("sparse")
         return real_require(*args, **kwargs)
 
-    monkeypatch.setattr(topk, "_select_cpu", spy_select)
+    monkeypatch.setattr(topk, "select_cpu", spy_select)
     monkeypatch.setattr(sparse_pack, "require_cpu", spy_require)
     if mode is None:
         monkeypatch.delenv("COMMRT_KERNELS", raising=False)
@@ -98,13 +98,13 @@ def test_kernel_dispatch_picks_fast_cpu_path(monkeypatch, mode, expect):
 
 def test_kernel_dispatch_routes_public_functions(monkeypatch):
     calls = []
-    real = topk._select_triton
+    real = topk.select_triton
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(topk, "_select_triton", spy)
+    monkeypatch.setattr(topk, "select_triton", spy)
     x = torch.randn(200)
     monkeypatch.setenv("COMMRT_KERNELS", "torch")
     expect = K.topk_magnitude(x, 9)
