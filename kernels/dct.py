@@ -35,13 +35,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 
 from .dispatch import backend, check_float
 
-Chunk = Union[int, Sequence[int]]
+Chunk = int | Sequence[int]
 
 
 def dct_chunk_size(dim: int, chunk: int) -> int:

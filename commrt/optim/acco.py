@@ -1,7 +1,8 @@
 """ACCO (accumulate while communicating) and its two baselines, ZeRO-1 and DPU, on one code.
 
-All three keep the optimizer state sharded ZeRO-1 style (`_shard.py`: rank r holds a
-float32 master slice of the flat parameter vector and the AdamW moments for it) and run
+All three keep the optimizer state sharded ZeRO-1 style (`commrt.optim.zero1`: rank r
+holds a float32 master slice of the flat parameter vector and the AdamW moments for it,
+updated by `MaskedAdamW`) and run
 the same *communication round*:
 
     all-reduce the micro-batch count C; reduce-scatter (sum) the flat gradient buffer;
@@ -56,15 +57,15 @@ from torch import nn
 
 from commrt import transports as T
 
-from ._shard import FlatLayout, ShardedAdamW
-from .base import LossFn, NextBatch
+from .base import LossFn, NextBatch, TrainingMethod
+from .zero1 import MaskedAdamW, ParamLayout, Zero1Shard
 
 __all__ = ["ACCO", "ZeRO1", "DPU"]
 
 _MODES = ("acco", "zero1", "dpu")
 
 
-class _ShardedOverlapDriver:
+class _ShardedOverlapDriver(TrainingMethod):
     """The shared engine of ACCO, ZeRO-1 and DPU (see the module docstring)."""
 
     mode = "acco"
@@ -86,7 +87,13 @@ class _ShardedOverlapDriver:
         group_comm = T.for_group(process_group)
         self.comm = group_comm.split(0, group_comm.rank)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.layout = FlatLayout(params, self.comm.size)
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:   # one flat vector holds them all
+            raise ValueError(f"all parameters must share one dtype and device, got "
+                             f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
+        self.layout = ParamLayout(params, self.comm.size)
         self.comm.check_uniform([self.layout.numel], "number of trainable parameters")
         self.master_dtype = master_dtype or torch.promote_types(self.layout.dtype, torch.float32)
         lo, hi = self.layout.shard_range(self.comm.rank)
@@ -94,9 +101,9 @@ class _ShardedOverlapDriver:
         # Every rank starts from rank 0's parameters, as DDP does.
         self.comm.ibroadcast(flat, 0, kind=f"{self.mode}_init").wait()
         self.layout.load_params(flat)
-        self.optimizer = ShardedAdamW(flat[lo:hi].clone(),
-                                      self.layout.decay_mask(self.master_dtype)[lo:hi].clone(),
-                                      lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        mask = self.layout.decay_mask(self.master_dtype)[lo:hi].clone()
+        self.shard = Zero1Shard([flat[lo:hi]], lambda masters: MaskedAdamW(
+            masters, [mask], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.micro_batches = micro_batches
         self.min_micro_batches = min_micro_batches
         self.max_micro_batches = max_micro_batches
@@ -134,7 +141,7 @@ class _ShardedOverlapDriver:
             self._wait(comm.ireduce_scatter(grad_sum, shard, kind=f"{kind}_reduce_scatter"))
             peak = max(peak, T.wire.total_bytes() - mid)
             shard.div_(total)
-            new_shard = self.optimizer.update(shard, dry_run=dry_run)
+            new_shard = self.shard.update([shard], dry_run=dry_run)[0]
             full = torch.empty(self.layout.padded_numel, dtype=self.layout.dtype,
                                device=self.layout.device)
             mid = T.wire.total_bytes()
@@ -237,7 +244,7 @@ class _ShardedOverlapDriver:
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.mode, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.shard.state_dict(),
                 "pending_grad": None if self._pending is None else self._pending.clone(),
                 "pending_count": self._pending_count, "steps": self.steps,
                 "rank": self.comm.rank, "world_size": self.comm.size}
@@ -247,9 +254,10 @@ class _ShardedOverlapDriver:
             raise ValueError(f"checkpoint is of method {state.get('method')!r}, not {self.mode!r}")
         if state["world_size"] != self.comm.size or state["rank"] != self.comm.rank:
             raise ValueError(f"checkpoint of rank {state['rank']}/{state['world_size']} loaded "
-                             f"on rank {self.comm.rank}/{self.comm.size}: sharded state is per rank")
+                             f"on rank {self.comm.rank}/{self.comm.size}: sharded state is per "
+                             "rank")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.shard.load_state_dict(state["optimizer"])
         self._pending = None if state["pending_grad"] is None else state["pending_grad"].clone()
         self._pending_count = int(state["pending_count"])
         self.steps = int(state["steps"])

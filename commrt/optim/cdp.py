@@ -21,12 +21,15 @@ the end. Update rules (ḡ_t: mean over ranks of the step-t gradients, docs/desi
   rings of all stages l ≥ K−N before the update, whether or not it uses them itself.
 
 ``sharded=True`` (v1 only: sharding needs every rank to apply the same update) keeps
-ZeRO-1 style state: the gradient ring runs in reduce-scatter mode, rank r owns chunk
-(r+1) mod N of every stage (an fp32 master and the optimizer's state for it, the
-optimizer being rebuilt over these shards from the given optimizer's class and defaults,
-or built by `optimizer` when it is a callable taking a parameter list), and the updated
-parameter chunks travel the same ring in all-gather mode instead of a broadcast; stage l's
-parameters are awaited just before its next forward.
+ZeRO-1 style state (`commrt.optim.zero1.Zero1Shard`): the gradient ring runs in
+reduce-scatter mode, rank r owns chunk (r+1) mod N of every stage (an fp32 master and the
+optimizer's state for it), and the updated parameter chunks travel the same ring in
+all-gather mode instead of a broadcast; stage l's parameters are awaited just before its
+next forward. The optimizer over the masters: `optimizer(masters)` when `optimizer` is a
+factory (a callable taking a parameter list; the preferred form), else the given
+optimizer itself, its parameter groups replaced by one group of the masters with its
+`defaults` (so an optimizer that caches its parameters at construction, such as LBFGS,
+needs the factory form).
 
 ``workers_per_device=W`` runs W micro-batches (W workers sharing this device) per step,
 staggered by 2K/W stage slots (``stagger=False``: all W in lockstep, the unstaggered
@@ -46,9 +49,8 @@ separate devices the i/N shift of the paper only changes when the same transfers
 """
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,7 +59,8 @@ from torch import nn
 from commrt import transports as T
 from commrt.collectives.cyclic import CyclicRing, chunk_bounds, owned_chunk
 
-from .base import LossFn, NextBatch
+from .base import LossFn, NextBatch, TrainingMethod
+from .zero1 import OptimizerFactory, ParamLayout, Zero1Shard
 
 __all__ = ["CDP", "balanced_partition", "stage_costs", "ActivationMeter"]
 
@@ -171,10 +174,10 @@ class ActivationMeter:
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-class CDP:
+class CDP(TrainingMethod):
     """Cyclic Data Parallelism over `process_group` (see the module docstring)."""
 
-    def __init__(self, model: nn.Sequential, optimizer: torch.optim.Optimizer | Callable,
+    def __init__(self, model: nn.Sequential, optimizer: torch.optim.Optimizer | OptimizerFactory,
                  stages: int = 2, rule: str = "v1", process_group: Any = None, *,
                  sharded: bool = False, workers_per_device: int = 1, stagger: bool = True,
                  cost: str = "params", sample_input: torch.Tensor | None = None,
@@ -226,9 +229,11 @@ class CDP:
         with torch.no_grad():  # every rank starts from rank 0's parameters
             for p in params:
                 self.comm.ibroadcast(p.data, 0, kind="cdp_init").wait()
-        self.stage_numel = [sum(p.numel() for p in ps) for ps in self.stage_params]
         self.dtype = params[0].dtype
         self.device = params[0].device
+        self.stage_layouts = [ParamLayout(ps, dtype=self.dtype, device=self.device)
+                              for ps in self.stage_params]
+        self.stage_numel = [layout.numel for layout in self.stage_layouts]
         self.grad_dtype = torch.promote_types(self.dtype, torch.float32)
         N, r = self.comm.size, self.comm.rank
         self.span = stages * max(2 * (N - 1), 1)
@@ -238,17 +243,12 @@ class CDP:
         self.tag = tag
         if sharded:
             self.shard_bounds = [chunk_bounds(n, N)[owned_chunk(r, N)] for n in self.stage_numel]
-            self.shards = []
-            for l in range(stages):
-                a, b = self.shard_bounds[l]
-                flat = self._flat_stage_params(l).to(self.grad_dtype)
-                self.shards.append(nn.Parameter(flat[a:b].clone()))
-            if isinstance(optimizer, torch.optim.Optimizer):
-                accepted = inspect.signature(type(optimizer).__init__).parameters
-                kwargs = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-                self.optimizer = type(optimizer)(self.shards, **kwargs)
-            else:
-                self.optimizer = optimizer(self.shards)
+            masters = [layout.flat_params(self.grad_dtype)[a:b]
+                       for layout, (a, b) in zip(self.stage_layouts, self.shard_bounds)]
+            make = _repointed(optimizer) if isinstance(optimizer, torch.optim.Optimizer) \
+                else optimizer
+            self.shard = Zero1Shard(masters, make)
+            self.optimizer = self.shard.optimizer
         else:
             self.optimizer = (optimizer if isinstance(optimizer, torch.optim.Optimizer)
                               else optimizer(model.parameters()))
@@ -266,36 +266,6 @@ class CDP:
                            peak_activation_bytes=0)
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def _flat_stage_params(self, l: int) -> torch.Tensor:
-        ps = self.stage_params[l]
-        return torch.cat([p.detach().reshape(-1) for p in ps]) if ps else \
-            torch.zeros(0, dtype=self.dtype, device=self.device)
-
-    def _take_stage_grad(self, l: int, scale: float) -> torch.Tensor:
-        ps = self.stage_params[l]
-        flat = torch.zeros(self.stage_numel[l], dtype=self.grad_dtype, device=self.device)
-        off = 0
-        for p in ps:
-            if p.grad is not None:
-                flat[off:off + p.numel()].copy_(p.grad.reshape(-1))
-            p.grad = None
-            off += p.numel()
-        return flat.mul_(scale)
-
-    def _set_stage_grad(self, l: int, flat: torch.Tensor | None) -> None:
-        off = 0
-        for p in self.stage_params[l]:
-            p.grad = None if flat is None else \
-                flat[off:off + p.numel()].view_as(p).to(p.dtype).clone()
-            off += p.numel()
-
-    @torch.no_grad()
-    def _load_stage_params(self, l: int, flat: torch.Tensor) -> None:
-        off = 0
-        for p in self.stage_params[l]:
-            p.copy_(flat[off:off + p.numel()].view_as(p))
-            off += p.numel()
 
     def _active_rings(self) -> list[CyclicRing]:
         return [ring for ring in (self._prev_ring, self._cur_ring, self._param_ring)
@@ -362,7 +332,6 @@ class CDP:
         then the update by the rule. Returns the mean loss of the W micro-batches."""
         t_step = time.perf_counter()
         K, W = self.num_stages, self.workers
-        N, r = self.comm.size, self.comm.rank
         slot = self.steps % 2
         cur_bufs = [torch.zeros(n, dtype=self.grad_dtype, device=self.device)
                     for n in self.stage_numel]
@@ -381,7 +350,7 @@ class CDP:
                     l = op
                     if not self._param_loaded[l]:
                         self._drive_until(self._param_ring, l)
-                        self._load_stage_params(l, self._param_bufs[l])
+                        self.stage_layouts[l].load_params(self._param_bufs[l])
                         self._param_loaded[l] = True
                         t0 = time.perf_counter()
                     x = batches[w][0] if l == 0 else outputs[w][l - 1]
@@ -407,7 +376,8 @@ class CDP:
                     inputs[w][l + 1] = None
                     backward_done[l] += 1
                     if backward_done[l] == W:
-                        cur_bufs[l].copy_(self._take_stage_grad(l, 1.0 / W))
+                        cur_bufs[l].copy_(self.stage_layouts[l].take_grads(
+                            self.grad_dtype).mul_(1.0 / W))
                         self._cur_ring.start(l)
                 self._stats["compute_s"] += time.perf_counter() - t0
             self._advance()
@@ -433,16 +403,13 @@ class CDP:
         if self.sharded:
             if not has_prev:
                 return
-            for l in range(K):
-                a, b = self.shard_bounds[l]
-                self.shards[l].grad = self._prev_bufs[l][a:b].clone()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            masters = self.shard.update([buf[a:b] for buf, (a, b)
+                                         in zip(self._prev_bufs, self.shard_bounds)])
             self._param_bufs = []
             for l in range(K):
                 buf = torch.zeros(self.stage_numel[l], dtype=self.dtype, device=self.device)
                 a, b = self.shard_bounds[l]
-                buf[a:b].copy_(self.shards[l].detach())
+                buf[a:b].copy_(masters[l])
                 self._param_bufs.append(buf)
             self._param_ring = self._new_ring(self._param_bufs, "allgather", 2)
             self._param_ring.start()
@@ -452,7 +419,7 @@ class CDP:
         for l in range(K):
             fresh = self.rule == "v2" and l >= K - 1 - r
             source = cur_bufs[l] if fresh else (self._prev_bufs[l] if has_prev else None)
-            self._set_stage_grad(l, source)
+            self.stage_layouts[l].set_grads(source)
             any_grad = any_grad or source is not None
         if any_grad:
             self.optimizer.step()
@@ -466,7 +433,7 @@ class CDP:
         self._prev_ring = None
         for l in range(self.num_stages):
             if not self._param_loaded[l]:
-                self._load_stage_params(l, self._param_bufs[l])
+                self.stage_layouts[l].load_params(self._param_bufs[l])
                 self._param_loaded[l] = True
         self._param_ring = None
 
@@ -497,11 +464,11 @@ class CDP:
         and the gradient still travelling for the next update (completed first)."""
         self.flush()
         return {"method": "cdp", "rule": self.rule, "sharded": self.sharded,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": self.model.state_dict(),
+                "optimizer": (self.shard if self.sharded else self.optimizer).state_dict(),
                 "steps": self.steps, "rank": self.comm.rank, "world_size": self.comm.size,
                 "pending_grad": None if self._prev_bufs is None
-                else [b.clone() for b in self._prev_bufs],
-                "shards": [s.detach().clone() for s in self.shards] if self.sharded else None}
+                else [b.clone() for b in self._prev_bufs]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != "cdp" or state["rule"] != self.rule or \
@@ -511,13 +478,21 @@ class CDP:
             raise ValueError(f"checkpoint of {state['world_size']} ranks loaded on "
                              f"{self.comm.size}")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        (self.shard if self.sharded else self.optimizer).load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
         pending = state["pending_grad"]
         self._prev_ring = None
         self._prev_bufs = None if pending is None else [b.clone() for b in pending]
         self._param_ring, self._param_loaded = None, [True] * self.num_stages
-        if self.sharded:
-            with torch.no_grad():
-                for shard, saved in zip(self.shards, state["shards"]):
-                    shard.copy_(saved)
+
+
+def _repointed(optimizer: torch.optim.Optimizer) -> OptimizerFactory:
+    """A factory that hands `optimizer` itself over the given parameters: its groups and
+    state replaced by one group of them with the optimizer's defaults (torch's own
+    `add_param_group` fills the hyperparameters), no constructor call to guess."""
+    def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        optimizer.param_groups.clear()
+        optimizer.state.clear()
+        optimizer.add_param_group({"params": params})
+        return optimizer
+    return make

@@ -1,7 +1,7 @@
 """Synchronous data parallelism: torch DDP + AdamW, optionally with a commrt DDP comm hook.
 
     method = DataParallel(model, lr=1e-3)                                   # `ddp`
-    method = DataParallel.sparse(model, density=0.01, algorithm="spardl")   # `spardl`/`topka`/`gtopk`
+    method = DataParallel.sparse(model, density=0.01, algorithm="spardl")  # `spardl`/...
     method = DataParallel.quantized(model, bits=8)                          # `quant8`/`quant1`
     loss = method.step(next_batch, loss_fn)
 
@@ -41,17 +41,23 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .base import LossFn, NextBatch
+from .base import LossFn, NextBatch, TrainingMethod
+
+
+def decays(p: torch.Tensor) -> bool:
+    """Whether weight decay applies to `p`: tensors of 2+ dimensions (matrices,
+    embeddings), as in GPT-2; not biases and norms. The one rule of every AdamW here."""
+    return p.dim() >= 2
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on tensors of 2+ dimensions (matrices, embeddings), none on biases and norms."""
+    """AdamW parameter groups: `weight_decay` where `decays`, none elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [{"params": [p for p in params if decays(p)], "weight_decay": weight_decay},
+            {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
 
 
-class DataParallel:
+class DataParallel(TrainingMethod):
     """DDP over `process_group` (default: the default group) with AdamW.
 
     `comm_hook`/`hook_state`: a DDP communication hook and its state (`commrt.hooks`);
@@ -59,8 +65,9 @@ class DataParallel:
     the reduction (every rank sees the same reduced gradient, so the clip is identical).
     """
 
-    def __init__(self, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
-                 weight_decay: float = 0.0, grad_clip: float = 0.0, accumulation_steps: int = 1,
+    def __init__(self, model: nn.Module, *, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.0,
+                 grad_clip: float = 0.0, accumulation_steps: int = 1,
                  process_group: Any = None, comm_hook: Callable | None = None,
                  hook_state: Any = None, bucket_cap_mb: float = 25.0):
         if accumulation_steps < 1:
@@ -128,7 +135,8 @@ class DataParallel:
         self.steps += 1
         return total / self.accumulation_steps
 
-    def _rebuild_buckets(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> None:
+    def _rebuild_buckets(self, inputs: torch.Tensor, targets: torch.Tensor,
+                         loss_fn: LossFn) -> None:
         """One synced forward/backward whose only effect is DDP's bucket rebuild (collective:
         every rank of a resumed run calls it in its first step). The hook's residuals and
         adaptive state, the gradients and the RNG streams are as before it."""

@@ -46,71 +46,14 @@ from typing import Any
 
 import torch
 
+from commrt import kernels as K
 from commrt import transports as T
-
-try:  # kernels may not provide every helper: fall back to the torch forms below
-    from commrt import kernels as K
-except Exception:  # pragma: no cover - an import error there must not break optimizers
-    K = None
 
 _SCALE_NIBBLES = 8  # an fp32 scale spread over 8 spare index nibbles
 
 
 # --------------------------------------------------------------------------------------
-# DCT over chunks
-
-
-def chunk_size_for(n: int, max_chunk: int) -> int:
-    """Largest divisor of n that is ≤ max_chunk (1 for n == 0)."""
-    helper = getattr(K, "dct_chunk_size", None) if K is not None else None
-    if helper is not None:
-        return int(helper(n, max_chunk))
-    if n <= 0:
-        return 1
-    for c in range(min(n, max_chunk), 0, -1):
-        if n % c == 0:
-            return c
-    return 1
-
-
-_bases: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _dct_basis(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (n, dtype, device)
-    basis = _bases.get(key)
-    if basis is None:
-        k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
-        i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
-        basis = torch.cos(math.pi / n * (i + 0.5) * k) * math.sqrt(2.0 / n)
-        basis[0] /= math.sqrt(2.0)
-        basis = basis.to(dtype=dtype, device=device)
-        _bases[key] = basis
-    return basis
-
-
-def _dct(x: torch.Tensor, chunk) -> torch.Tensor:
-    """Chunked DCT-II: 1-D x -> (n/c, c); 2-D x -> (R/cr, C/cc, cr, cc) (kernels' layout)."""
-    if K is not None and hasattr(K, "dct_chunks"):
-        return K.dct_chunks(x, chunk)
-    if x.dim() == 1:
-        return x.reshape(-1, chunk) @ _dct_basis(chunk, x.dtype, x.device).T
-    cr, cc = chunk
-    rows, cols = x.shape
-    grid = x.reshape(rows // cr, cr, cols // cc, cc).permute(0, 2, 1, 3)
-    return _dct_basis(cr, x.dtype, x.device) @ grid @ _dct_basis(cc, x.dtype, x.device).T
-
-
-def _idct(coeffs: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_dct` (the chunk sides are read from the coefficient shape)."""
-    if K is not None and hasattr(K, "idct_chunks"):
-        return K.idct_chunks(coeffs)
-    if coeffs.dim() == 2:
-        return (coeffs @ _dct_basis(coeffs.shape[1], coeffs.dtype, coeffs.device)).reshape(-1)
-    nr, nc, cr, cc = coeffs.shape
-    x = (_dct_basis(cr, coeffs.dtype, coeffs.device).T @ coeffs
-         @ _dct_basis(cc, coeffs.dtype, coeffs.device))
-    return x.permute(0, 2, 1, 3).reshape(nr * cr, nc * cc)
+# DCT chunks (the transforms are commrt.kernels' dct_chunks / idct_chunks)
 
 
 @dataclass(frozen=True)
@@ -136,10 +79,10 @@ class ChunkLayout:
     def _build(cls, shape: tuple[int, ...], max_chunk: int, one_d: bool) -> ChunkLayout:
         numel = math.prod(shape)
         if one_d or len(shape) < 2:
-            return cls(shape, 1, numel, 1, chunk_size_for(numel, max_chunk))
+            return cls(shape, 1, numel, 1, K.dct_chunk_size(numel, max_chunk))
         rows, cols = shape[0], numel // shape[0]
-        return cls(shape, rows, cols, chunk_size_for(rows, max_chunk),
-                   chunk_size_for(cols, max_chunk))
+        return cls(shape, rows, cols, K.dct_chunk_size(rows, max_chunk),
+                   K.dct_chunk_size(cols, max_chunk))
 
     @property
     def chunk_elems(self) -> int:
@@ -153,16 +96,16 @@ class ChunkLayout:
     def to_coeffs(self, x: torch.Tensor) -> torch.Tensor:
         """(nchunks, chunk_elems) DCT coefficients of x (any shape with this numel)."""
         if self.cr == 1 and self.rows == 1:
-            return _dct(x.reshape(-1), self.cc).reshape(-1, self.chunk_elems)
-        return _dct(x.reshape(self.rows, self.cols), (self.cr, self.cc)).reshape(
+            return K.dct_chunks(x.reshape(-1), self.cc).reshape(-1, self.chunk_elems)
+        return K.dct_chunks(x.reshape(self.rows, self.cols), (self.cr, self.cc)).reshape(
             -1, self.chunk_elems)
 
     def from_coeffs(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Inverse of `to_coeffs`, shaped like the tensor."""
         if self.cr == 1 and self.rows == 1:
-            return _idct(coeffs.reshape(-1, self.cc)).reshape(self.shape)
+            return K.idct_chunks(coeffs.reshape(-1, self.cc)).reshape(self.shape)
         grid = coeffs.reshape(self.rows // self.cr, self.cols // self.cc, self.cr, self.cc)
-        return _idct(grid).reshape(self.shape)
+        return K.idct_chunks(grid).reshape(self.shape)
 
     def grid_view(self, x: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor of this layout viewed as ``(rows/cr, cr, cols/cc, cc)``: chunk
@@ -178,12 +121,6 @@ class ChunkLayout:
     def from_chunks(self, chunks: torch.Tensor) -> torch.Tensor:
         """A stack of spatial chunks ``(nchunks, cr, cc)`` reassembled into the tensor shape."""
         return self.chunks_as_grid(chunks).reshape(self.shape)
-
-
-def _basis(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if K is not None and hasattr(K, "dct_basis"):
-        return K.dct_basis(n, dtype, device)
-    return _dct_basis(n, dtype, device)
 
 
 def idct_sparse_chunks(values: torch.Tensor, indices: torch.Tensor, cr: int, cc: int
@@ -205,17 +142,19 @@ def idct_sparse_chunks(values: torch.Tensor, indices: torch.Tensor, cr: int, cc:
     nchunks, m = values.shape
     if cr > 1 and 2 * m <= cr + cc:
         dtype = values.dtype
-        rows = torch.index_select(_basis(cr, dtype, values.device), 0, (indices // cc).view(-1))
+        rows = torch.index_select(K.dct_basis(cr, dtype, values.device), 0,
+                                  (indices // cc).view(-1))
         rows = rows.view(nchunks, m, cr).mul_(values.unsqueeze(2))
-        cols = torch.index_select(_basis(cc, dtype, values.device), 0, (indices % cc).view(-1))
+        cols = torch.index_select(K.dct_basis(cc, dtype, values.device), 0,
+                                  (indices % cc).view(-1))
         return torch.bmm(rows.transpose(1, 2), cols.view(nchunks, m, cc))
     dense = torch.zeros(nchunks, cr * cc, dtype=values.dtype, device=values.device)
     flat = indices + (torch.arange(nchunks, device=indices.device) * (cr * cc)).unsqueeze(1)
-    _scatter_add(dense.view(-1), flat.reshape(-1), values.reshape(-1))
+    K.scatter_add_(dense.view(-1), flat.reshape(-1), values.reshape(-1))
     if cr == 1:
-        return _idct(dense).view(nchunks, 1, cc)
+        return K.idct_chunks(dense).view(nchunks, 1, cc)
     # (nchunks, 1, cr, cc): a column of chunks, whose spatial form is the chunk stack
-    return _idct(dense.view(nchunks, 1, cr, cc)).view(nchunks, cr, cc)
+    return K.idct_chunks(dense.view(nchunks, 1, cr, cc)).view(nchunks, cr, cc)
 
 
 @functools.cache
@@ -228,18 +167,15 @@ def topk_per_chunk(coeffs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     """Top-k by magnitude of every row of (nchunks, e): values and chunk-local int64 indices,
     each (nchunks, k)."""
     nchunks, elems = coeffs.shape
-    if K is not None and hasattr(K, "topk_blocks"):
-        values, indices = K.topk_blocks(coeffs.reshape(-1), elems, k)
-        return values.reshape(nchunks, k), indices.reshape(nchunks, k).long()
-    indices = coeffs.abs().topk(k, dim=1, sorted=False).indices
-    return coeffs.gather(1, indices), indices
+    values, indices = K.topk_blocks(coeffs.reshape(-1), elems, k)
+    return values.reshape(nchunks, k), indices.reshape(nchunks, k).long()
 
 
 # --------------------------------------------------------------------------------------
 # Wire codec: chunk-local uint16 indices, fp32 / bf16 / 8-bit values
 
 
-_VALUE_BYTES = {32: 4, 16: 2, 8: 1}
+VALUE_BYTES = {32: 4, 16: 2, 8: 1}
 
 
 class CoefficientCodec:
@@ -251,21 +187,21 @@ class CoefficientCodec:
     """
 
     def __init__(self, specs: Sequence[tuple[int, int, int]], value_bits: int):
-        if value_bits not in _VALUE_BYTES:
+        if value_bits not in VALUE_BYTES:
             raise ValueError(f"value_bits must be 32, 16 or 8, got {value_bits}")
         self.specs = [tuple(int(v) for v in s) for s in specs]
         self.value_bits = value_bits
-        for nchunks, elems, k in self.specs:
+        for _, elems, _ in self.specs:
             limit = 4096 if value_bits == 8 else 65536
             if elems > limit:
                 raise ValueError(f"a DCT chunk of {elems} coefficients does not fit "
                                  f"{'12-bit' if value_bits == 8 else 'uint16'} indices")
         # per tensor: byte sizes of (indices, values, extra scales)
         self.parts = []
-        for nchunks, elems, k in self.specs:
+        for nchunks, _, k in self.specs:
             n = nchunks * k
             extra = 4 * nchunks if value_bits == 8 and k < _SCALE_NIBBLES else 0
-            self.parts.append((2 * n, _VALUE_BYTES[value_bits] * n, extra))
+            self.parts.append((2 * n, VALUE_BYTES[value_bits] * n, extra))
         self.payload_bytes = sum(sum(p) for p in self.parts)
 
     def wire_bytes(self, group_size: int) -> int:
@@ -280,7 +216,7 @@ class CoefficientCodec:
         for 8-bit), to subtract from the momentum."""
         pieces: list[torch.Tensor] = []
         decoded_values: list[torch.Tensor] = []
-        for (values, indices), (nchunks, elems, k) in zip(kept, self.specs):
+        for (values, indices), (nchunks, _, k) in zip(kept, self.specs):
             if nchunks == 0:
                 decoded_values.append(values)
                 continue
@@ -323,7 +259,7 @@ class CoefficientCodec:
         rows = gathered.view(ranks, self.payload_bytes)
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         offset = 0
-        for (nchunks, elems, k), (ib, vb, eb) in zip(self.specs, self.parts):
+        for (nchunks, _, k), (ib, vb, eb) in zip(self.specs, self.parts):
             if nchunks == 0:
                 out.append((torch.zeros(0, ranks * k), torch.zeros(0, ranks * k,
                                                                    dtype=torch.long)))
@@ -355,18 +291,11 @@ class CoefficientCodec:
         return out
 
 
-def _scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    if K is not None and hasattr(K, "scatter_add_"):
-        K.scatter_add_(dense, indices, values)
-    else:
-        dense.index_add_(0, indices, values)
-
-
 # --------------------------------------------------------------------------------------
 # The optimizer
 
 
-class _WireBytesInStateDict:
+class WireBytesInStateDict:
     """Optimizer mixin: `last_step_wire_bytes` travels in the state dict (for resume)."""
 
     last_step_wire_bytes: int
@@ -382,7 +311,7 @@ class _WireBytesInStateDict:
         super().load_state_dict(state_dict)
 
 
-class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
+class DeMo(WireBytesInStateDict, torch.optim.Optimizer):
     """Decoupled-momentum optimizer (see the module docstring for the rule and wire format).
 
     Args:
@@ -414,7 +343,7 @@ class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
         if compression_chunk < 1 or compression_topk < 1:
             raise ValueError(f"compression_chunk ({compression_chunk}) and compression_topk "
                              f"({compression_topk}) must be ≥ 1")
-        if value_bits not in _VALUE_BYTES:
+        if value_bits not in VALUE_BYTES:
             raise ValueError(f"value_bits must be 32, 16 or 8, got {value_bits}")
         if value_bits == 8 and compression_chunk > 64:
             raise ValueError(f"8-bit values need 12-bit indices: compression_chunk must be "
@@ -494,7 +423,7 @@ class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
         codec = self._get_codec(entries)
         groups = self._chunk_groups(entries)
         coeffs: list[torch.Tensor | None] = [None] * len(entries)
-        for i, (p, group, layout, k) in enumerate(entries):
+        for i, (p, group, layout, _) in enumerate(entries):
             state = self.state[p]
             if "delta" not in state:
                 state["delta"] = torch.zeros_like(p, dtype=torch.float32)
@@ -519,7 +448,7 @@ class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
                 # in turn: one DCT for the whole group
                 flat = torch.cat([self.state[entries[i][0]]["delta"].view(-1)
                                   for i, _, _ in members])
-                stacked = _dct(flat, cc).reshape(-1, cc)
+                stacked = K.dct_chunks(flat, cc).reshape(-1, cc)
             elif len(members) > 1:
                 stacked = torch.cat([coeffs[i] for i, _, _ in members])
             else:
@@ -530,7 +459,7 @@ class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
                 kept[i] = (values[row:row + n], indices[row:row + n])
         payload, sent_values = codec.encode(kept)
         # δ ← δ − IDCT(kept): inverse of the sparse kept coefficients only, per group
-        for (cr, cc, k, members), indices in zip(groups, group_indices):
+        for (cr, cc, _, members), indices in zip(groups, group_indices):
             sent = torch.cat([sent_values[i] for i, _, _ in members]).float() \
                 if len(members) > 1 else sent_values[members[0][0]].float()
             chunks = idct_sparse_chunks(sent, indices, cr, cc)
@@ -541,7 +470,7 @@ class DeMo(_WireBytesInStateDict, torch.optim.Optimizer):
         gathered = self._all_gather(payload)
         decoded = codec.decode(gathered, self.comm.size)
         # u = IDCT(mean): the mean's sparse entries (≤ P·k per chunk) inverse-transformed
-        for cr, cc, k, members in groups:
+        for cr, cc, _, members in groups:
             parts = [decoded[i] for i, _, _ in members]
             values = torch.cat([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
             indices = torch.cat([x for _, x in parts]) if len(parts) > 1 else parts[0][1]

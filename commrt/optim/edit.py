@@ -78,8 +78,10 @@ import torch
 from torch import nn
 
 from commrt import transports as T
+from commrt.collectives import SparseAllreduce, quantized_allreduce
+from commrt.transports import FlatLayout, flatten, unflatten_into
 
-from .base import LossFn, NextBatch
+from .base import LossFn, NextBatch, TrainingMethod
 from .mesh import HybridMesh, resolve_mesh
 
 _EXCHANGES = ("dense", "sparse", "quantized")
@@ -124,12 +126,16 @@ class _AnomalyTracker:
 
 
 class _Layer:
-    """Parameters directly owned by one module, flattened and sliced over the node."""
+    """Parameters directly owned by one module, flattened and sliced over the node: slice j
+    is ``[j·s, (j+1)·s)`` of the layer's flat fp32 vector zero-padded to ``m·s``
+    (s = ⌈numel/m⌉)."""
 
     def __init__(self, index: int, module: nn.Module, params: list[nn.Parameter], m: int, j: int):
         self.index, self.module, self.params = index, module, params
-        self.numel = sum(p.numel() for p in params)
-        self.slice = math.ceil(self.numel / m)
+        self.layout = FlatLayout(params, world_size=m)
+        self.numel = self.layout.numel
+        self.slice = self.layout.shard_numel
+        self.j = j
         self.lo = min(j * self.slice, self.numel)
         self.hi = min((j + 1) * self.slice, self.numel)
         self.anchor = torch.zeros(self.slice, dtype=torch.float32)   # θ_s, my slice
@@ -139,24 +145,22 @@ class _Layer:
         self.synced: torch.Tensor | None = None   # full new layer, set by the comm thread
         self.ready = threading.Event()
 
-    def flat(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+    def flat(self, pad: bool = False) -> torch.Tensor:
+        """The layer's parameters as one fp32 vector (``pad``: zero-padded to m·s)."""
+        return self.layout.flatten([p.detach() for p in self.params], dtype=torch.float32,
+                                   pad=pad)
 
     def my_slice(self) -> torch.Tensor:
-        out = torch.zeros(self.slice, dtype=torch.float32)
-        out[:self.hi - self.lo] = self.flat()[self.lo:self.hi]
-        return out
+        """A copy of this rank's slice (zeros past the layer's end)."""
+        a, b = self.layout.shard_range(self.j)
+        return self.flat(pad=True)[a:b].clone()
 
     def write(self, flat: torch.Tensor) -> None:
-        pos = 0
         with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                p.copy_(flat[pos:pos + n].view_as(p))
-                pos += n
+            self.layout.unflatten_into(flat, self.params)
 
 
-class EDiT:
+class EDiT(TrainingMethod):
     """EDiT training method (module docstring): ``step(next_batch, loss_fn) -> loss``.
 
     Args:
@@ -229,14 +233,8 @@ class EDiT:
         self.numel = sum(layer.numel for layer in self.layers)
         self._sparse = None
         if exchange == "sparse":
-            from commrt.collectives import SparseAllreduce
-
             self._sparse = SparseAllreduce(density, "spardl", group=self.mesh.replicate)
-        elif exchange == "quantized":
-            from commrt import collectives
-
-            if not hasattr(collectives, "quantized_allreduce"):
-                raise ValueError("exchange='quantized' needs commrt.collectives.quantized_allreduce")
+        self._grad_layout: FlatLayout | None = None   # of all layers' parameters, built once
         self._broadcast_parameters()
         for layer in self.layers:
             layer.anchor.copy_(layer.my_slice())
@@ -260,12 +258,11 @@ class EDiT:
         world = self.mesh.world
         if world.size == 1:
             return
-        flat = torch.cat([layer.flat() for layer in self.layers])
+        params = [p.detach() for layer in self.layers for p in layer.params]
+        flat = flatten(params, dtype=torch.float32)
         world.ibroadcast(flat, 0, kind="edit.broadcast").wait()
-        pos = 0
-        for layer in self.layers:
-            layer.write(flat[pos:pos + layer.numel])
-            pos += layer.numel
+        with torch.no_grad():
+            unflatten_into(flat, params)
 
     # -- the training-method interface ---------------------------------------------------
 
@@ -377,20 +374,20 @@ class EDiT:
         if comm.size == 1:
             return
         params = [p for layer in self.layers for p in layer.params]
-        flat = torch.cat([torch.zeros(p.numel()) if p.grad is None else
-                          p.grad.detach().reshape(-1).float() for p in params])
+        if self._grad_layout is None:
+            self._grad_layout = FlatLayout(params)
+        flat = self._grad_layout.flatten([None if p.grad is None else p.grad.detach()
+                                          for p in params], dtype=torch.float32,
+                                         device=params[0].device)
         comm.iallreduce(flat, kind=kind).wait()
         self.last_step_wire_bytes += 2 * (comm.size - 1) * 4 * flat.numel() // comm.size
         flat.div_(comm.size)
-        pos = 0
-        for p in params:
-            n = p.numel()
-            g = flat[pos:pos + n].view_as(p).to(p.dtype)
+        for p, view in zip(params, self._grad_layout.views(flat)):
+            g = view.to(p.dtype)
             if p.grad is None:
                 p.grad = g.clone()
             else:
                 p.grad.copy_(g)
-            pos += n
 
     # -- synchronization ------------------------------------------------------------------
 
@@ -501,10 +498,7 @@ class EDiT:
         """Synchronize one layer across replicas; returns the new full flat layer."""
         shard, replicate = self.mesh.shard, self.mesh.replicate
         R = replicate.size
-        local = layer.flat()
-        mine = torch.zeros(layer.slice, dtype=torch.float32)
-        mine[:layer.hi - layer.lo] = local[layer.lo:layer.hi]
-        delta = layer.anchor - mine
+        delta = layer.anchor - layer.my_slice()
         if self._needs_info():
             sq = self._scalar_allreduce(float(delta.double().pow(2).sum()), "edit.norm")
             row = torch.tensor([math.sqrt(sq), self._sync_weights_info], dtype=torch.float64)
@@ -552,8 +546,6 @@ class EDiT:
         if self.exchange == "sparse":
             self._sparse(scaled, layer.residual, key=layer.index)
         else:
-            from commrt.collectives import quantized_allreduce
-
             quantized_allreduce(scaled, layer.residual, bits=self.bits, group=replicate)
         self._sync_bytes += T.wire.total_bytes() - before
         return scaled

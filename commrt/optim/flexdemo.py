@@ -42,12 +42,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from commrt.transports import FlatLayout
 
 from .demo import (
-    _VALUE_BYTES,
+    VALUE_BYTES,
     ChunkLayout,
     CoefficientCodec,
-    _WireBytesInStateDict,
+    WireBytesInStateDict,
     idct_sparse_chunks,
     topk_per_chunk,
 )
@@ -56,11 +59,7 @@ from .mesh import HybridMesh, resolve_mesh
 _BASES = ("sign", "sgd", "adamw")
 
 
-def _is_dtensor(p: torch.Tensor) -> bool:
-    return hasattr(p, "to_local") and hasattr(p, "device_mesh")
-
-
-class FlexDeMo(_WireBytesInStateDict, torch.optim.Optimizer):
+class FlexDeMo(WireBytesInStateDict, torch.optim.Optimizer):
     """Hybrid-sharded DeMo (module docstring).
 
     Args:
@@ -94,7 +93,7 @@ class FlexDeMo(_WireBytesInStateDict, torch.optim.Optimizer):
         if compression_topk > compression_chunk:
             raise ValueError(f"compression_topk={compression_topk} exceeds the chunk size "
                              f"{compression_chunk} (FlexDeMo uses 1-D chunks)")
-        if value_bits not in _VALUE_BYTES:
+        if value_bits not in VALUE_BYTES:
             raise ValueError(f"value_bits must be 32, 16 or 8, got {value_bits}")
         if value_bits == 8 and compression_chunk > 4096:
             raise ValueError("8-bit values need 12-bit indices: compression_chunk ≤ 4096")
@@ -108,7 +107,7 @@ class FlexDeMo(_WireBytesInStateDict, torch.optim.Optimizer):
         self.base = base
         self.value_bits = value_bits
         all_params = [p for g in self.param_groups for p in g["params"]]
-        kinds = {_is_dtensor(p) for p in all_params}
+        kinds = {isinstance(p, DTensor) for p in all_params}
         if len(kinds) != 1:
             raise ValueError("FlexDeMo needs all parameters FSDP2-sharded (DTensor) or none")
         self.fsdp = kinds.pop()
@@ -140,11 +139,12 @@ class FlexDeMo(_WireBytesInStateDict, torch.optim.Optimizer):
                     out.append(dict(group=group, key=p, params=[p], numel=n, padded=padded,
                                     layout=ChunkLayout(( padded,), 1, padded, 1, chunk), k=topk))
             else:
-                total = sum(p.numel() for p in group["params"])
-                per_rank = math.ceil(total / (m * chunk)) * chunk
+                # N = m·c elements, c = ⌈numel / m⌉ rounded up to whole chunks
+                flat = FlatLayout(group["params"], world_size=m, align=chunk)
+                per_rank = flat.shard_numel
                 out.append(dict(group=group, key=group["params"][0], params=group["params"],
-                                numel=total, padded=per_rank, flat_len=m * per_rank,
-                                offset=r * per_rank,
+                                numel=flat.numel, padded=per_rank, flat=flat,
+                                flat_len=flat.padded_numel, offset=flat.shard_range(r)[0],
                                 layout=ChunkLayout((per_rank,), 1, per_rank, 1, chunk), k=topk))
         return out
 
@@ -172,7 +172,7 @@ class FlexDeMo(_WireBytesInStateDict, torch.optim.Optimizer):
                 loss = closure()
         shards = self._shards()
         codec = self._get_codec(shards)
-        shard_comm, m = self.mesh.shard, self.mesh.ranks_per_node
+        m = self.mesh.ranks_per_node
         intra_bytes = 0
         kept, works = [], []
         for s in shards:
@@ -245,16 +245,10 @@ class FlexDeMo(_WireBytesInStateDict, torch.optim.Optimizer):
 
     def _manual_shard(self, s: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Node-mean gradient shard (reduce-scatter) and a copy of the parameter shard."""
-        flat_len, per_rank, off = s["flat_len"], s["padded"], s["offset"]
-        flat_grad = torch.zeros(flat_len, dtype=torch.float32)
-        flat_param = torch.zeros(flat_len, dtype=torch.float32)
-        pos = 0
-        for p in s["params"]:
-            n = p.numel()
-            if p.grad is not None:
-                flat_grad[pos:pos + n] = p.grad.reshape(-1)
-            flat_param[pos:pos + n] = p.detach().reshape(-1)
-            pos += n
+        per_rank, off, params = s["padded"], s["offset"], s["params"]
+        flat_grad = s["flat"].flatten([p.grad for p in params], dtype=torch.float32,
+                                      device=params[0].device)
+        flat_param = s["flat"].flatten([p.detach() for p in params], dtype=torch.float32)
         comm = self.mesh.shard
         if comm.size > 1:
             grad_shard = torch.empty(per_rank, dtype=torch.float32)
@@ -274,10 +268,6 @@ class FlexDeMo(_WireBytesInStateDict, torch.optim.Optimizer):
             sent = (comm.size - 1) * 4 * s["flat_len"] // comm.size
         else:
             flat, sent = param_shard, 0
-        pos = 0
-        for p in s["params"]:
-            n = p.numel()
-            p.copy_(flat[pos:pos + n].view_as(p))
-            pos += n
+        s["flat"].unflatten_into(flat, s["params"])
         return sent
 

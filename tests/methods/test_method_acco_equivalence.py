@@ -2,7 +2,7 @@
 references of their update rules on the concatenated batches; the dry run leaves the
 optimizer state bit-identical; every rank ends with the same parameters."""
 import pytest
-from mpi_harness import run_ranks
+from harness import run_ranks
 
 LR, BETAS, WD, EPS = 0.05, (0.9, 0.99), 0.1, 1e-8
 
@@ -70,21 +70,25 @@ def _reference(mode: str, P: int, n: int, steps: int):
     phase = 0
     if mode == "zero1":
         for _ in range(steps):
-            g, c = grad_sum(theta, phase); phase += 1
+            g, c = grad_sum(theta, phase)
+            phase += 1
             theta = adamw(theta, g / c, False)
     elif mode == "dpu":
         pending = None
         for _ in range(steps):
-            g, c = grad_sum(theta, phase); phase += 1
+            g, c = grad_sum(theta, phase)
+            phase += 1
             if pending is not None:
                 theta = adamw(theta, pending[0] / pending[1], False)
             pending = (g, c)
     else:  # acco
-        h, hc = grad_sum(theta, phase); phase += 1
+        h, hc = grad_sum(theta, phase)
+        phase += 1
         for _ in range(steps):
             estimate = adamw(theta, h / hc, True)
-            g, gc = grad_sum(theta, phase); phase += 1
-            h_next, h_next_c = grad_sum(estimate, phase); phase += 1
+            g, gc = grad_sum(theta, phase)
+            h_next, h_next_c = grad_sum(estimate, phase + 1)
+            phase += 2
             theta = adamw(theta, (h + g) / (hc + gc), False)
             h, hc = h_next, h_next_c
     return theta
@@ -107,13 +111,13 @@ def _equivalence_worker(n: int, steps: int) -> None:
         method = cls(model, LR, BETAS, WD, comm, micro_batches=n, **extra)
         counter = iter(range(10 ** 6))
         for _ in range(steps):
-            loss = method.step(lambda: _batch(r, next(counter)), _loss)
+            loss = method.step(lambda c=counter: _batch(r, next(c)), _loss)
             assert loss == loss and loss > 0
         method.close()
         got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         want = _reference(mode, P, n, steps)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10,
-                                   msg=lambda m: f"{mode} {extra}: {m}")
+                                   msg=lambda m, mode=mode, extra=extra: f"{mode} {extra}: {m}")
         everyone = comm.allgather_object(got)
         for other in everyone:
             assert torch.equal(other, got), f"{mode}: ranks ended with different parameters"
@@ -128,25 +132,41 @@ def _equivalence_worker(n: int, steps: int) -> None:
         sd = method.state_dict()
         twin = cls(_model(), LR, BETAS, WD, comm, micro_batches=n, **extra)
         twin.load_state_dict(sd)
-        assert torch.equal(twin.optimizer.master, method.optimizer.master)
-        assert twin.optimizer.step_count == method.optimizer.step_count
+        _assert_same_state(twin.shard.state_dict(), method.shard.state_dict())
         twin.close()
 
     # The dry run: state bit-identical before and after, estimate equals the real step.
     method = ACCO(_model(), LR, BETAS, WD, comm, micro_batches=n, sync_comm=True)
     counter = iter(range(10 ** 6))
     method.step(lambda: _batch(r, next(counter)), _loss)
-    opt = method.optimizer
-    before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state_dict().items()}
-    grad = torch.randn(opt.master.shape, dtype=opt.master.dtype)
-    estimate = opt.update(grad, dry_run=True)
-    after = opt.state_dict()
-    for k, v in before.items():
-        assert (torch.equal(v, after[k]) if torch.is_tensor(v) else v == after[k]), k
-    assert not torch.equal(estimate, opt.master)
-    real = opt.update(grad, dry_run=False).clone()
+    shard = method.shard
+    master = shard.masters[0]
+    before = shard.state_dict()
+    grad = torch.randn(master.shape, dtype=master.dtype)
+    estimate = shard.update([grad], dry_run=True)[0]
+    _assert_same_state(shard.state_dict(), before)
+    assert not torch.equal(estimate, master)
+    real = shard.update([grad], dry_run=False)[0].clone()
     assert torch.equal(real, estimate)
-    assert opt.step_count == before["step"] + 1
+    steps = [s["step"] for s in shard.state_dict()["optimizer"]["state"].values()]
+    assert steps == [s["step"] + 1 for s in before["optimizer"]["state"].values()]
+
+
+def _assert_same_state(got, want, where="state"):
+    import torch
+
+    if torch.is_tensor(want):
+        assert torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for k in want:
+            _assert_same_state(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_same_state(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
 
 
 @pytest.mark.parametrize("nprocs", [2, 3, 4])

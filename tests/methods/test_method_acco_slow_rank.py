@@ -2,7 +2,7 @@
 round, nothing deadlocks, and the applied gradient is the count-weighted average (a
 linear model whose per-rank gradient is known in closed form)."""
 import pytest
-from mpi_harness import run_ranks
+from harness import run_ranks
 
 LR, BETAS = 0.01, (0.9, 0.999)
 

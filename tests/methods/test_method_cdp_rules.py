@@ -3,7 +3,7 @@ sharded, several staggered workers per device), v2 applies the fresh or delayed 
 gradient per stage exactly by the rule for each rank, and staggering the workers of one
 device lowers the peak activation memory."""
 import pytest
-from mpi_harness import run_ranks
+from harness import run_ranks
 
 K = 3
 
@@ -115,7 +115,7 @@ def _cdp_worker(steps: int) -> None:
     def run(method, W, rows=3):
         for t in range(steps):
             feed = iter(_batch(r, t, w, rows) for w in range(W))
-            loss = method.step(lambda: next(feed), _loss)
+            loss = method.step(lambda f=feed: next(f), _loss)
             assert loss == loss
         return method
 
@@ -123,16 +123,19 @@ def _cdp_worker(steps: int) -> None:
         for other in comm.allgather_object(_params(model)):
             assert torch.equal(other, _params(model)), f"{what}: ranks differ"
 
-    # v1, plain and sharded, equals DP with a one-step-delayed gradient
-    for sharded, make_opt in ((False, _sgd), (True, _adamw)):
+    # v1, plain and sharded, equals DP with a one-step-delayed gradient. Sharded: the given
+    # optimizer re-pointed at the masters (AdamW), or a factory (SGD with momentum).
+    for sharded, make_opt, factory in ((False, _sgd, False), (True, _adamw, False),
+                                       (True, _sgd, True)):
         model = _model()
         before = T.wire.snapshot()
-        method = run(CDP(model, make_opt(model.parameters()), stages=K, rule="v1",
-                         process_group=comm, sharded=sharded), 1)
+        opt = make_opt if factory else make_opt(model.parameters())
+        method = run(CDP(model, opt, stages=K, rule="v1", process_group=comm,
+                         sharded=sharded), 1)
         want = _delayed_dp_reference(P, steps, 1, make_opt)
         method.state_dict()  # completes what is in flight (collective), keeps parameters
         torch.testing.assert_close(_params(model), _params(want), rtol=1e-10, atol=1e-12)
-        same_on_all_ranks(model, f"v1 sharded={sharded}")
+        same_on_all_ranks(model, f"v1 sharded={sharded} factory={factory}")
         sent = T.snapshot_delta(T.wire.snapshot(), before)
         kinds = {k for k in sent if k.startswith("cdp_") and k != "cdp_init"}
         expect = {"cdp_reduce_scatter", "cdp_allgather"} if sharded else {"cdp_allreduce"}

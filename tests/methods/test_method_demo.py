@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from mpi_harness import run_ranks
+from harness import run_ranks
 
 SHAPES = [(16, 24), (10,), (4, 3, 8), (7,)]
 LR = 0.05
@@ -76,7 +76,7 @@ def _demo_worker(seed: int) -> None:
                weight_decay=wd, sign=False)
     expected_bytes = (P - 1) * _expected_payload(4, 16, 4)
     for step in range(3):
-        for i, p in enumerate(params):
+        for p in params:
             p.grad = _grad(seed, rank, step, p.shape).float()
         before = T.wire.bytes("demo.all_gather")
         opt.step()

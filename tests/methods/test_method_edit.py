@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from mpi_harness import run_ranks
+from harness import run_ranks
 from torch import nn
 
 
@@ -60,7 +60,7 @@ def _edit_worker(seed: int) -> None:
         for step in range(steps):
             batch_step = next(counter)
             before = T.wire.total_bytes()
-            method.step(lambda: _batch(seed, rank, batch_step), _loss)
+            method.step(lambda s=batch_step: _batch(seed, rank, s), _loss)
             sent = T.wire.total_bytes() - before
             assert sent == method.last_step_wire_bytes, (sent, method.last_step_wire_bytes)
             if step < warmup:
@@ -94,7 +94,7 @@ def _edit_worker(seed: int) -> None:
     bad_sync = None
     for round_ in range(9):
         for _ in range(2):
-            method.step(lambda: _batch(seed, rank, step), _loss)
+            method.step(lambda s=step: _batch(seed, rank, s), _loss)
             step += 1
         if round_ == 6:
             method.flush()
@@ -109,7 +109,7 @@ def _edit_worker(seed: int) -> None:
     flat = _flat(model)
     assert torch.isfinite(flat).all() and flat.abs().max() < 50, flat.abs().max()
     _same_everywhere(comm, model, "after outlier")
-    losses = [method.step(lambda: _batch(seed, rank, 1000 + i), _loss) for i in range(3)]
+    losses = [method.step(lambda i=i: _batch(seed, rank, 1000 + i), _loss) for i in range(3)]
     assert all(math.isfinite(v) for v in losses)
     assert method.local_steps == 1
     method.flush(force=True)               # a synchronization after an incomplete round
@@ -125,7 +125,7 @@ def _edit_worker(seed: int) -> None:
         method = EDiT(model, torch.optim.SGD(model.parameters(), lr=0.05), sync_interval=2,
                       warmup_steps=0, mesh=mesh, exchange=exchange, density=0.25, bits=8)
         for i in range(5):
-            method.step(lambda: _batch(seed, rank, 2000 + i), _loss)
+            method.step(lambda i=i: _batch(seed, rank, 2000 + i), _loss)
         method.flush(force=True)
         sync_bytes[exchange] = method.last_sync_wire_bytes
         _same_everywhere(comm, model, f"exchange={exchange}")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from mpi_harness import run_ranks
+from harness import run_ranks
 from torch import nn
 
 

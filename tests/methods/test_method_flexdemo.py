@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from mpi_harness import run_ranks
+from harness import run_ranks
 
 SHAPES = [(6, 10), (10,), (3, 5, 2), (1,)]
 LR, CHUNK = 0.05, 8
@@ -212,7 +212,7 @@ def _flexdemo_fsdp_worker(backend: str) -> None:
             empty = sum(p.to_local().numel() == 0 for p in params)
             assert comm.mpi.allreduce(empty) > 0, "the test wants an empty shard somewhere"
             gen = torch.Generator().manual_seed(rank)
-            for step in range(3):
+            for _ in range(3):
                 x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 1, generator=gen)
                 opt.zero_grad()
                 ((model(x) - y) ** 2).mean().backward()

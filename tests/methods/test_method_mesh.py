@@ -4,7 +4,7 @@ world, the torch DeviceMesh over the same ranks."""
 from __future__ import annotations
 
 import pytest
-from mpi_harness import run_ranks
+from harness import run_ranks
 
 
 def _members(comm, world_rank: int) -> list[int]:
