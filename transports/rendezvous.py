@@ -27,10 +27,11 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .mpi import world as world_comm
+from .job import world as world_comm
 
-__all__ = ["MPI_LAUNCHER_ENV", "install_env_rendezvous", "ipv4_addresses", "launched_by_mpi",
-           "mpi_started", "mpi_tcp_store", "network_identity", "pmi_bootstrap"]
+__all__ = ["LAUNCHER_RANK_ENV", "MPI_LAUNCHER_ENV", "install_env_rendezvous", "ipv4_addresses",
+           "launched_by_mpi", "launcher_rank", "mpi_started", "mpi_tcp_store", "network_identity",
+           "pmi_bootstrap"]
 
 # Variables an MPI launcher (mpirun/mpiexec, or srun with PMI) sets in every rank.
 MPI_LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
@@ -40,6 +41,22 @@ MPI_LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_W
 def launched_by_mpi() -> bool:
     """Whether this process was started by an MPI launcher (mpirun/mpiexec/srun with PMI)."""
     return any(k in os.environ for k in MPI_LAUNCHER_ENV)
+
+
+# Variables that carry this process's rank, by launcher: MPICH/Hydra, Open MPI, PMIx,
+# MVAPICH, Slurm's srun, then torchrun's RANK.
+LAUNCHER_RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK",
+                     "SLURM_PROCID", "RANK")
+
+
+def launcher_rank() -> int:
+    """This process's rank as its launcher announced it, readable before MPI starts (to
+    print an error on one rank only); 0 when no launcher says."""
+    for name in LAUNCHER_RANK_ENV:
+        value = os.environ.get(name)
+        if value is not None and value.isdigit():
+            return int(value)
+    return 0
 
 
 def network_identity() -> str:

@@ -5,16 +5,24 @@ forward and backward on its micro-batches, the communication, and the parameter 
 `commrt.train` and the perf suite drive every method the same way::
 
     loss = method.step(next_batch, loss_fn)
+    ...
+    method.synchronize()     # before a final evaluation
+    method.close()           # before MPI ends
 
 `next_batch()` returns this rank's next micro-batch ``(inputs, targets)``; a method calls it
 as many times as its step needs (ACCO, for instance, keeps accumulating micro-batches while
 its communication is in flight). The loss of a micro-batch is ``loss_fn(model(inputs),
 targets)``. `step` returns the mean loss of the micro-batches it consumed, on this rank.
+
+Every method subclasses `TrainingMethod`: `step`, `state_dict` and `load_state_dict` are its
+own; `synchronize`, `close` and `stats` have defaults (nothing to do, no counters) that a
+method overrides where it has replicas to merge, threads or hooks to end, or counters.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
@@ -23,20 +31,40 @@ NextBatch = Callable[[], Batch]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@runtime_checkable
-class TrainingMethod(Protocol):
+class TrainingMethod(ABC):
     """Drives one optimizer step; checkpointable through its state dict."""
 
     model: torch.nn.Module
 
-    def step(self, next_batch: NextBatch, loss_fn: LossFn) -> float: ...
+    @abstractmethod
+    def step(self, next_batch: NextBatch, loss_fn: LossFn) -> float:
+        """One optimizer step; the mean loss of the micro-batches consumed on this rank."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next steps depend on (a resumed run continues bit-for-bit)."""
 
+    @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def synchronize(self) -> None:
+        """Collective: leave every rank's `model` equal to the synchronized parameters
+        (local-SGD methods, whose replicas drift between rounds). Default: nothing, the
+        replicas never differ after a step."""
+        return None
 
-class LocalGradientMethod:
+    def close(self) -> None:
+        """End what the method runs besides its steps (communication threads, hooks)
+        before MPI ends; idempotent. Default: nothing runs."""
+        return None
+
+    def stats(self, reset: bool = False) -> dict[str, float]:
+        """The method's own timing and volume counters since the last reset (perf/ reads
+        them), then reset them if `reset`. Default: no counters."""
+        return {}
+
+
+class LocalGradientMethod(TrainingMethod):
     """Backward on the local micro-batch, then a communicating optimizer's step.
 
     For optimizers that do their own communication (DeMo, FlexDeMo): gradients are never

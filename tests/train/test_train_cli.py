@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 import pytest
-from mpi_harness import REPO_ROOT, mpi_env, mpirun_executable
+from harness import REPO_ROOT, mpi_env, mpirun_executable
 
 
 def _launch(nprocs, args, timeout=120):
@@ -15,7 +15,8 @@ def _launch(nprocs, args, timeout=120):
 @pytest.fixture(scope="module")
 def short_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "short.txt"
-    path.write_bytes(b"def f():\n    return 1\n" * 5)     # 110 bytes: < one 65-token window per rank
+    # 110 bytes: less than one 65-token window per rank
+    path.write_bytes(b"def f():\n    return 1\n" * 5)
     return str(path)
 
 
@@ -43,20 +44,31 @@ def test_train_cli_bad_input_exits_2(case, short_text, tmp_path):
 
 
 def test_train_cli_unavailable_method_is_rejected(monkeypatch):
-    from commrt import train
+    """A registered method whose module or class does not import is a usage error naming
+    it, before anything is built."""
+    import argparse
 
-    monkeypatch.setitem(train.METHODS, "future", train.MethodSpec(
-        "commrt.optim.not_landed_yet", "Future", train._build_ddp, "a method still in review"))
-    with pytest.raises(train.UsageError, match="method 'future' is not available in this build: "
+    from commrt.optim import registry
+    from commrt.training import cli
+
+    def args(method):
+        return argparse.Namespace(**{**vars(cli.build_parser().parse_args([])),
+                                     "method": method})
+
+    ddp = registry.METHODS["ddp"].build
+    monkeypatch.setitem(registry.METHODS, "future", registry.MethodSpec(
+        (("commrt.optim.not_landed_yet", "Future"),), ddp, "a method still in review"))
+    with pytest.raises(cli.UsageError, match="method 'future' is not available in this build: "
                        "commrt.optim.not_landed_yet.Future cannot be imported"):
-        train.check_method_available("future")
-    monkeypatch.setitem(train.METHODS, "nameless", train.MethodSpec(
-        "commrt.optim.base", "NoSuchClass", train._build_ddp, "missing class"))
-    with pytest.raises(train.UsageError, match="commrt.optim.base.NoSuchClass cannot be imported"):
-        train.check_method_available("nameless")
-    for name in train.METHODS:
+        cli.check_args(args("future"), 1)
+    monkeypatch.setitem(registry.METHODS, "nameless", registry.MethodSpec(
+        (("commrt.optim.base", "NoSuchClass"),), ddp, "missing class"))
+    with pytest.raises(registry.MethodUnavailable,
+                       match="commrt.optim.base.NoSuchClass cannot be imported"):
+        registry.check_method_available("nameless")
+    for name in registry.METHODS:
         if name not in ("future", "nameless"):
-            assert train.METHODS[name].help
+            assert registry.METHODS[name].help
 
 
 @pytest.mark.parametrize("method", ["spardl", "topka", "gtopk"])
@@ -66,22 +78,23 @@ def test_train_cli_reuse_flags_reach_the_sparse_hook(method, tmp_path):
     import torch
     import torch.distributed as dist
 
-    from commrt import train
+    from commrt.optim.registry import MethodOptions, build_method
+    from commrt.training import cli
 
-    parser = train.build_parser()
+    parser = cli.build_parser()
     defaults = parser.parse_args(["--method", method])
     assert (defaults.reuse_steps, defaults.reuse_eps) == (1, 1.0)
-    with pytest.raises(train.UsageError, match="--reuse-steps must be >= 1, got 0"):
-        train.validate_args(parser.parse_args(["--method", method, "--reuse-steps", "0"]), 1)
+    with pytest.raises(cli.UsageError, match="--reuse-steps must be >= 1, got 0"):
+        cli.validate_args(parser.parse_args(["--method", method, "--reuse-steps", "0"]), 1)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
                             world_size=1)
     try:
-        ctx = train.Context(comm=None, process_group=dist.group.WORLD, rank=0, world_size=1)
         for argv, expected in ((["--reuse-steps", "3", "--reuse-eps", "0.25"], (3, 0.25)),
                                ([], (1, 1.0))):
             args = parser.parse_args(["--method", method, *argv])
-            train.validate_args(args, 1)
-            built = train.METHODS[method].build(args, torch.nn.Linear(4, 3), ctx)
+            cli.validate_args(args, 1)
+            built = build_method(method, torch.nn.Linear(4, 3), MethodOptions.from_args(args),
+                                 dist.group.WORLD)
             reducer = built.hook_state.reducer
             assert reducer.algorithm == method
             assert (reducer.reuse_steps, reducer.reuse_eps) == expected, argv
@@ -94,8 +107,8 @@ def test_train_cli_help_lists_every_method():
                           text=True, env=mpi_env(), cwd=str(REPO_ROOT), timeout=120)
     assert proc.returncode == 0, proc.stderr
     for flag in ("--method", "--density", "--teams", "--reuse-steps", "--reuse-eps", "--topk",
-                 "--chunk", "--sync-interval", "--ranks-per-node", "--stages", "--checkpoint-every", "--resume", "--seed",
-                 "--plot", "--out", "--data"):
+                 "--chunk", "--sync-interval", "--ranks-per-node", "--stages",
+                 "--checkpoint-every", "--resume", "--seed", "--plot", "--out", "--data"):
         assert flag in proc.stdout, flag
     for method in ("ddp", "spardl", "topka", "gtopk", "quant8", "quant1", "demo", "flexdemo",
                    "edit", "aedit", "acco", "zero1", "dpu", "cdp"):

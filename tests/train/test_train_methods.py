@@ -1,7 +1,7 @@
 """Every --method of `python -m commrt.train` trains the tiny GPT for 50 steps at 4 ranks
 with a falling loss; spardl at density 0.01 puts at most 1/10 of ddp's bytes on the wire."""
 
-from mpi_harness import run_ranks
+from harness import run_ranks
 
 DATA_PARALLEL = ["ddp", "spardl", "topka", "gtopk", "quant8", "quant1"]
 OTHERS = ["demo", "flexdemo", "edit", "aedit", "acco", "zero1", "dpu", "cdp"]

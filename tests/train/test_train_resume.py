@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_harness import run_ranks
+from harness import run_ranks
 
 ARGS = ["--model", "tiny", "--steps", "20", "--batch-size", "4", "--log-interval", "5",
         "--eval-interval", "10", "--eval-iters", "2", "--corpus-bytes", "300000", "--quiet"]
@@ -62,7 +62,8 @@ def _resume_worker(out_root: str, bin_path: str) -> None:
         _assert_same([(r["step"], r["loss"], r["val_loss"]) for r in from_file], _losses(full),
                      "resumed vs uninterrupted (metrics.jsonl)")
         for r in from_file:
-            assert {"step", "loss", "val_loss", "tokens", "wall_s", "wire_bytes", "comm_s"} <= set(r)
+            assert {"step", "loss", "val_loss", "tokens", "wall_s", "wire_bytes",
+                    "comm_s"} <= set(r)
         assert from_file[-1]["tokens"] == 20 * 3 * 4 * 64
         summary = json.loads((Path(out_root) / "full" / "summary.json").read_text())
         assert summary["method"] == "spardl" and summary["world_size"] == 3
