@@ -1,22 +1,22 @@
-"""perf.backend: a tiny end-to-end run (the driver launches its MPI jobs, through perf.netem,
-through --launcher, and under torchrun), the records and the markdown table; the verdicts against the issue's
-targets on hand-made records."""
+"""perf.bench.backend: a tiny end-to-end run (the driver launches its MPI jobs through
+perf.infra.launch, through --launcher, and under torchrun), the records and the markdown
+table; the verdicts against the issue's targets on hand-made records."""
 import json
 import subprocess
 import sys
 
 from commrt.transports import mpirun_executable
-from perf import backend as pb
-from perf import netem
+from perf.bench import backend as pb
+from perf.infra.launch import REPO_ROOT, job_env
 
 
 def _run(tmp_path, *extra: str) -> tuple[str, list[dict]]:
     md, js = tmp_path / "backend.md", tmp_path / "records.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "perf.backend", "--sizes", "1k,64k", "--ops", "allreduce,broadcast",
-         "--rounds", "2", "--warmup", "1", "--budget-mb", "0.25", "--out", str(md), "--json",
-         str(js), *extra],
-        cwd=str(netem.REPO_ROOT), env=netem.job_env(1), capture_output=True, text=True,
+        [sys.executable, "-m", "perf.bench.backend", "--sizes", "1k,64k",
+         "--ops", "allreduce,broadcast", "--rounds", "2", "--warmup", "1", "--budget-mb", "0.25",
+         "--out", str(md), "--json", str(js), *extra],
+        cwd=str(REPO_ROOT), env=job_env(1), capture_output=True, text=True,
         timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return md.read_text(), json.loads(js.read_text())

@@ -1,9 +1,9 @@
-"""perf/kernels.py runs end to end at tiny size (the fast CPU kernels, and the Triton path
+"""perf/bench/kernels.py runs end to end at tiny size (the fast CPU kernels, and the Triton path
 under the interpreter) and writes well-formed records only when asked, so the benchmark
 cannot rot."""
 import json
 
-import perf.kernels as bench
+import perf.bench.kernels as bench
 
 EVERY_KERNEL = {"copy", "torch.topk", "torch.topk per block", "topk_exact", "topk_approx",
                 "topk_blocks", "topk_error_feedback", "pack_sparse", "unpack_sparse",

@@ -1,23 +1,23 @@
-"""`python -m perf.methods` at tiny size: every method trains, the table judges each against
-DDP, and A-EDiT runs the rounds that see about DDP's tokens."""
+"""`python -m perf.bench.methods` at tiny size: every method trains, the table judges each
+against DDP, and A-EDiT runs the rounds that see about DDP's tokens."""
 import json
 import math
 import subprocess
 import sys
 
-from perf import netem
-from perf.train_bench import aedit_rounds
+from perf.bench.train_bench import aedit_rounds
+from perf.infra.launch import REPO_ROOT, job_env
 
 
 def test_perf_methods_tiny(tmp_path):
     out = tmp_path / "methods"
     steps, warmup, interval = 12, 4, 4
     proc = subprocess.run(
-        [sys.executable, "-m", "perf.methods", "--out", str(out), "--nprocs", "4",
+        [sys.executable, "-m", "perf.bench.methods", "--out", str(out), "--nprocs", "4",
          "--ranks-per-node", "2", "--link", "shm", "--topology", "flat", "--model", "tiny",
          "--steps", str(steps), "--warmup-steps", str(warmup), "--sync-interval", str(interval),
          "--eval-interval", "6", "--eval-iters", "1", "--timeout", "240"],
-        cwd=str(netem.REPO_ROOT), env=netem.job_env(1), capture_output=True, text=True, timeout=900)
+        cwd=str(REPO_ROOT), env=job_env(1), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     by_method = {r["method"]: r for r in summary["methods"]}

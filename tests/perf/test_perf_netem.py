@@ -1,6 +1,7 @@
-"""perf/netem.py: shaped links really run at their rate, the two-tier form keeps a node's
-ranks on shared memory, and the namespaces never outlive a job (failure, timeout, Ctrl-C,
-SIGTERM). Without root/ip/tc the shaped cases must raise LinkUnavailable instead."""
+"""perf/infra/netem.py (through launch.py's launch_mpi): shaped links really run at their
+rate, the two-tier form keeps a node's ranks on shared memory, and the namespaces never
+outlive a job (failure, timeout, Ctrl-C, SIGTERM). Without root/ip/tc the shaped cases must
+raise LinkUnavailable instead."""
 import json
 import os
 import signal
@@ -10,7 +11,8 @@ import time
 
 import pytest
 
-from perf import netem
+from perf.infra import netem
+from perf.infra.launch import REPO_ROOT, job_env, launch_mpi
 
 UNAVAILABLE = netem.link_unavailable_reason()
 MIB = 1 << 20
@@ -26,7 +28,7 @@ def _our_namespaces(pid: int) -> list[str]:
 
 def _pingpong_us(tmp_path, nprocs, link, peer=1, ranks_per_node=None, size="1m"):
     out = tmp_path / f"pp-{link}-{peer}-{ranks_per_node}.json"
-    netem.launch_mpi(nprocs, "perf._pingpong",
+    launch_mpi(nprocs, "perf.bench.pingpong",
                      ["--ops", "pingpong", "--sizes", size, "--budget-mb", "3", "--repeats", "2",
                       "--peer", str(peer), "--json", str(out)],
                      link=link, ranks_per_node=ranks_per_node, timeout=120)
@@ -51,7 +53,7 @@ def test_perf_netem_link_names():
 def test_perf_netem_shaped_rate(tmp_path):
     if UNAVAILABLE:
         with pytest.raises(netem.LinkUnavailable):
-            netem.launch_mpi(2, "perf._pingpong", ["--sizes", "1k"], link="100mbit", timeout=60)
+            launch_mpi(2, "perf.bench.pingpong", ["--sizes", "1k"], link="100mbit", timeout=60)
         assert _pingpong_us(tmp_path, 2, "shm") > 0
         return
     # 1 MiB one way at 100 Mbit/s needs 84 ms; tbf lets a 256 KiB burst through first.
@@ -65,10 +67,10 @@ def test_perf_netem_shaped_rate(tmp_path):
 def test_perf_netem_two_tier(tmp_path):
     if UNAVAILABLE:
         with pytest.raises(netem.LinkUnavailable):
-            netem.launch_mpi(4, "perf._pingpong", [], link="100mbit", ranks_per_node=2)
+            launch_mpi(4, "perf.bench.pingpong", [], link="100mbit", ranks_per_node=2)
         return
     with pytest.raises(ValueError):
-        netem.launch_mpi(3, "perf._pingpong", [], link="100mbit", ranks_per_node=2)
+        launch_mpi(3, "perf.bench.pingpong", [], link="100mbit", ranks_per_node=2)
     # Ranks 0,1 on node 0 and 2,3 on node 1: 0<->1 is shared memory, 0<->2 the shaped link.
     inside = _pingpong_us(tmp_path, 4, "100mbit", peer=1, ranks_per_node=2)
     across = _pingpong_us(tmp_path, 4, "100mbit", peer=2, ranks_per_node=2)
@@ -81,11 +83,11 @@ def test_perf_netem_teardown_on_failure_and_timeout():
     if UNAVAILABLE:
         return  # nothing is created without privileges; the other tests check the refusal
     with pytest.raises(subprocess.CalledProcessError):
-        netem.launch_mpi(2, "perf._pingpong", ["--peer", "5"], link="1gbit", timeout=60)
+        launch_mpi(2, "perf.bench.pingpong", ["--peer", "5"], link="1gbit", timeout=60)
     assert _our_namespaces(os.getpid()) == []
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        netem.launch_mpi(2, "unused", python_args=["-c", "import time; time.sleep(120)"],
+        launch_mpi(2, "unused", python_args=["-c", "import time; time.sleep(120)"],
                          link="1gbit", ranks_per_node=1, timeout=3)
     assert time.monotonic() - start < 60
     assert _our_namespaces(os.getpid()) == []
@@ -95,7 +97,7 @@ def test_perf_netem_teardown_on_failure_and_timeout():
 # every descendant, and Python then never raises KeyboardInterrupt: give the child the
 # handler a terminal's Ctrl-C would meet.
 _HANG = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
-         "from perf.netem import launch_mpi\n"
+         "from perf.infra.launch import launch_mpi\n"
          "launch_mpi(2, 'unused', python_args=['-c', 'import time; time.sleep(300)'], "
          "link='1gbit', ranks_per_node={rpn}, timeout=600)\n")
 
@@ -104,8 +106,8 @@ _HANG = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler
 def test_perf_netem_teardown_on_signal(sig, rpn):
     if UNAVAILABLE:
         return
-    proc = subprocess.Popen([sys.executable, "-c", _HANG.format(rpn=rpn)], cwd=str(netem.REPO_ROOT),
-                            env=netem.job_env(2), start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", _HANG.format(rpn=rpn)], cwd=str(REPO_ROOT),
+                            env=job_env(2), start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not _our_namespaces(proc.pid):
@@ -138,25 +140,25 @@ def test_perf_netem_removes_stale_namespaces():
 
 def test_perf_netem_without_privileges(monkeypatch, tmp_path):
     # What an unprivileged user gets: a clear refusal, and the suite keeps the shm cases.
-    from perf.__main__ import select_links
+    from perf import runner, suites
+    from perf.runner import select_links
 
     monkeypatch.setenv("COMMRT_NETEM_DISABLE", "1")
     with pytest.raises(netem.LinkUnavailable, match="COMMRT_NETEM_DISABLE"):
         with netem.emulated_link("1gbit"):
             pass
-    assert select_links(["shm", "1gbit"]) == (["shm"], {"1gbit": "disabled by COMMRT_NETEM_DISABLE"})
+    assert select_links(["shm", "1gbit"]) == (["shm"],
+                                              {"1gbit": "disabled by COMMRT_NETEM_DISABLE"})
     assert select_links(["10gbit"])[0] == ["shm"]
     # The runner drops the shaped link and builds its jobs for shm only (one cheap job here).
-    from perf import __main__ as runner
-
     seen_links = []
-    build_jobs = runner.build_jobs
+    build_jobs = suites.build_jobs
 
     def first_job_only(suite, links, *args, **kwargs):
         seen_links.append(list(links))
         return build_jobs(suite, links, *args, **kwargs)[:1]
 
-    monkeypatch.setattr(runner, "build_jobs", first_job_only)
+    monkeypatch.setattr(suites, "build_jobs", first_job_only)
     runner.run_suite("collectives", ["shm", "1gbit"], [2], tmp_path, tiny=True,
                      holdout_links=["500mbit"])
     assert seen_links == [["shm"]]

@@ -1,16 +1,17 @@
-"""perf/profile.py: stack classification, the flame graph, and a real py-spy run of two ranks."""
+"""perf/infra/profile.py: stack classification, the flame graph, and a real py-spy run of
+two ranks."""
 import json
 import sys
 import xml.etree.ElementTree as ET
 
-from perf import netem
-from perf import profile as P
+from perf.infra import profile as P
+from perf.infra.launch import launch_mpi
 
 
 def test_perf_profile_classify():
-    mpi = ["_run_module_as_main (<frozen runpy>:198)", "main (perf/collectives.py:80)",
+    mpi = ["_run_module_as_main (<frozen runpy>:198)", "main (perf/bench/collectives.py:80)",
            "MPIDI_progress_test (libmpi.so.12)"]
-    kernel = ["main (perf/sparse.py:10)", "topk_magnitude (kernels/topk.py:33)",
+    kernel = ["main (perf/bench/sparse.py:10)", "topk_magnitude (kernels/topk.py:33)",
               "at::native::topk (libtorch_cpu.so)"]
     torch_op = ["step (commrt/optim/demo.py:40)", "at::native::addmm (libtorch_cpu.so)"]
     wait = ["wait (transports/mpi.py:120)", "syscall (libc.so.6)"]
@@ -37,9 +38,9 @@ def test_perf_profile_two_ranks(tmp_path, monkeypatch):
     # `perf run --profile` sets COMMRT_PERF_PROFILE: every launch_mpi records its ranks.
     monkeypatch.setenv("COMMRT_PERF_PROFILE", str(tmp_path / "profile"))
     monkeypatch.setenv("COMMRT_PROFILE_RATE", "100")
-    job = netem.launch_mpi(2, "perf._pingpong",
-                           ["--ops", "allreduce", "--sizes", "16m", "--budget-mb", "1024", "--repeats", "2"],
-                           timeout=180)
+    job = launch_mpi(2, "perf.bench.pingpong",
+                     ["--ops", "allreduce", "--sizes", "16m", "--budget-mb", "1024",
+                      "--repeats", "2"], timeout=180)
     out = tmp_path / "profile" / "pingpong-n2-shm"
     summary = P.summarize(tmp_path / "profile")
     assert "pingpong-n2-shm" in summary, job.stderr[-4000:]      # py-spy's complaint, if any

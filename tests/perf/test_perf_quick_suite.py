@@ -4,8 +4,9 @@ import json
 import subprocess
 import sys
 
-from perf import model as ab
-from perf import netem
+from perf.infra import netem
+from perf.infra.launch import REPO_ROOT, job_env
+from perf.infra.units import bus_factor
 
 
 def test_perf_quick_suite_tiny(tmp_path):
@@ -14,7 +15,7 @@ def test_perf_quick_suite_tiny(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "perf", "run", "quick", "--tiny", "--nprocs", "2,3", "--link", links,
          "--out", str(out)],
-        cwd=str(netem.REPO_ROOT), env=netem.job_env(1), capture_output=True, text=True, timeout=600)
+        cwd=str(REPO_ROOT), env=job_env(1), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     shaped_ok = netem.link_unavailable_reason() is None
@@ -33,13 +34,14 @@ def test_perf_quick_suite_tiny(tmp_path):
             assert ("allreduce", link, p) in seen
     for r in raw:
         assert r["time_us"] > 0 and r["bytes"] > 0
-        factor = ab.bus_factor(r["op"], r["world_size"])
+        factor = bus_factor(r["op"], r["world_size"])
         assert abs(r["busbw_gbps"] - r["algbw_gbps"] * factor) <= 1e-9 + 1e-6 * r["busbw_gbps"]
         assert abs(r["algbw_gbps"] - r["bytes"] / r["time_us"] / 1e3) <= 1e-6 * r["algbw_gbps"]
 
     report = (out / "report.md").read_text()
     for section in ("## Jobs", "## Collective sweeps (nccl-tests form)", "## α–β model",
-                    "| size | count | type | impl | time(us) | algbw(GB/s) | busbw(GB/s) | wire/rank |"):
+                    "| size | count | type | impl | time(us) | algbw(GB/s) | busbw(GB/s) "
+                    "| wire/rank |"):
         assert section in report, section
     if shaped_ok:
         assert "link 1gbit->500mbit" in report          # the held-out rate was predicted
@@ -47,10 +49,12 @@ def test_perf_quick_suite_tiny(tmp_path):
     assert plots and all(p.stat().st_size > 1000 for p in plots)
     for p in plots:
         assert f"plots/{p.name}" in report
-    if any(j["module"] == "perf.sparse" and j["status"] == "ok" for j in run["jobs"]) and shaped_ok:
+    sparse_ok = any(j["module"] == "perf.bench.sparse" and j["status"] == "ok"
+                    for j in run["jobs"])
+    if sparse_ok and shaped_ok:
         assert "SparDL (spardl rho=0.01) speedup over dense allreduce, 3 ranks, 1gbit" in report
     # The report is rebuilt from the JSON alone.
     (out / "report.md").unlink()
     subprocess.run([sys.executable, "-m", "perf", "report", str(out)], check=True,
-                   cwd=str(netem.REPO_ROOT), env=netem.job_env(1), capture_output=True, timeout=120)
+                   cwd=str(REPO_ROOT), env=job_env(1), capture_output=True, timeout=120)
     assert (out / "report.md").read_text() == report

@@ -1,14 +1,14 @@
-"""perf/sparse.py runs end to end at a tiny size (so the benchmark cannot rot)."""
+"""perf/bench/sparse.py runs end to end at a tiny size (so the benchmark cannot rot)."""
 import json
 import subprocess
 import sys
 
-from mpi_harness import REPO_ROOT, mpi_env
+from harness import REPO_ROOT, mpi_env
 
 
 def test_sparse_perf_script_tiny(tmp_path):
     out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "perf.sparse", "--sizes", "4K", "--world-sizes", "2",
+    cmd = [sys.executable, "-m", "perf.bench.sparse", "--sizes", "4K", "--world-sizes", "2",
            "--links", "shm", "--algorithms", "dense,spardl,topka,quant8",
            "--densities", "0.01,0.1", "--iters", "2", "--warmup", "2", "--reuse", "3",
            "--out", str(out)]

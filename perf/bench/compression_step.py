@@ -7,7 +7,7 @@ medians of wall and process-CPU time (CPU time is less disturbed by other jobs).
 
 Usage::
 
-    python -m perf.compression_step [--steps 15] [--methods demo,flexdemo]
+    python -m perf.bench.compression_step [--steps 15] [--methods demo,flexdemo]
 
 To compare two checkouts, run this module from each in turn, alternating (A B A B).
 """

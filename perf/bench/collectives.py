@@ -1,8 +1,8 @@
 """nccl-tests-style sweep of the dense collectives: raw mpi4py, the `commrt` backend and
 torch `gloo`, side by side in one run.
 
-    mpirun -n 4 python -m perf.collectives --json OUT.json
-    mpirun -n 4 python -m perf.collectives --ops allreduce --sizes 1k,4k,1m,4m \\
+    mpirun -n 4 python -m perf.bench.collectives --json OUT.json
+    mpirun -n 4 python -m perf.bench.collectives --ops allreduce --sizes 1k,4k,1m,4m \\
         --impls mpi4py,commrt,gloo
 
 The default process group is `commrt` (its rendezvous store agreed over MPI); gloo is a
@@ -40,6 +40,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from perf.infra.units import bus_factor, parse_sizes
+
 OPS = {  # nccl-tests name -> torch.distributed name
     "allreduce": "all_reduce",
     "allgather": "all_gather_into_tensor",
@@ -51,21 +53,6 @@ ALIASES = {v: k for k, v in OPS.items()} | {"all_gather": "allgather",
                                             "all_to_all": "alltoall"}
 IMPLS = ("mpi4py", "commrt", "gloo")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int32}
-
-
-def parse_size(text: str) -> int:
-    """'4k' -> 4096, '1m' -> 1048576, '123' -> 123."""
-    text = text.strip().lower()
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
-    return int(float(text[:-1] if mult > 1 else text) * mult)
-
-
-def bus_factor(op: str, p: int) -> float:
-    if op == "allreduce":
-        return 2 * (p - 1) / p
-    if op in ("allgather", "reduce_scatter", "alltoall"):
-        return (p - 1) / p
-    return 1.0
 
 
 def formula_wire_bytes(op: str, nbytes: int, p: int) -> int:
@@ -169,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for impl in impls:
         if impl not in IMPLS:
             raise SystemExit(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    sizes = parse_sizes(args.sizes)
     dtype = DTYPES[args.dtype]
 
     import commrt.backend  # noqa: F401  (registers the backend)
@@ -184,8 +171,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gloo_pg = dist.new_group(backend="gloo") if "gloo" in impls else None
 
     if rank == 0:
-        print(f"# perf.collectives: {p} ranks, {socket.gethostname()}, torch {torch.__version__}, "
-              f"{os.cpu_count()} CPUs, TORCH_DISTRIBUTED_DEBUG={os.environ.get('TORCH_DISTRIBUTED_DEBUG', 'OFF')}")
+        debug = os.environ.get("TORCH_DISTRIBUTED_DEBUG", "OFF")
+        print(f"# perf.bench.collectives: {p} ranks, {socket.gethostname()}, "
+              f"torch {torch.__version__}, {os.cpu_count()} CPUs, "
+              f"TORCH_DISTRIBUTED_DEBUG={debug}")
         print(f"# {'op':<15}{'size':>10}{'count':>10}{'type':>9}  {'impl':<18}{'time(us)':>10}"
               f"{'algbw(GB/s)':>13}{'busbw(GB/s)':>13}{'wire/rank':>11}")
     records: list[dict] = []
@@ -258,7 +247,8 @@ def summary(records: list[dict]) -> list[str]:
     by = {(r["op"], r["impl"], r["bytes"]): r for r in records}
     for impl in ("commrt",):
         big = [(by[("allreduce", "mpi4py", n)], r) for (op, i, n), r in by.items()
-               if op == "allreduce" and i == impl and n >= 1 << 20 and ("allreduce", "mpi4py", n) in by]
+               if op == "allreduce" and i == impl and n >= 1 << 20
+               and ("allreduce", "mpi4py", n) in by]
         if big:
             ratios = ", ".join(f"{raw['bytes'] >> 10} KiB {raw['time_us'] / r['time_us']:.2f}x"
                                for raw, r in sorted(big, key=lambda x: x[0]["bytes"]))

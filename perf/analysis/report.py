@@ -3,8 +3,8 @@
 Input: ``DIR/records.json`` — the list of every benchmark record of the run, each tagged by
 the runner with ``bench`` (module), ``link``, ``ranks_per_node`` and ``world_size`` — plus
 ``DIR/run.json`` (suite, host, jobs with their status) and, when present,
-``DIR/train/*.json`` (training comparisons, perf/train_bench.py) and
-``DIR/profile/summary.json`` (perf/profile.py).
+``DIR/train/*.json`` (training comparisons, perf/bench/train_bench.py) and
+``DIR/profile/summary.json`` (perf/infra/profile.py).
 
 Collective tables follow nccl-tests: size, count, type, time(us), algbw, busbw (GB/s), plus
 wire bytes per rank from the transport counters. Side-by-side ratio tables compare every
@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from perf import model as ab
+from perf.analysis import model as ab
 
 BASELINES = ("mpi4py", "dense", "commrt-dense", "torch")
 
@@ -133,8 +133,8 @@ def headline(records: list[dict], world_size: int = 4) -> list[str]:
     commrt dense / raw MPI throughput (allreduce) and SparDL speedup over dense at 1 Gbit/s."""
     lines = []
     rows = [r for r in ratio_rows(records) if r["world_size"] == world_size]
-    dense = [r for r in rows if r["impl"] in ("commrt", "commrt-dense") and r["baseline"] == "mpi4py"
-             and "allreduce" in r["op"]]
+    dense = [r for r in rows if r["impl"] in ("commrt", "commrt-dense")
+             and r["baseline"] == "mpi4py" and "allreduce" in r["op"]]
     for link in sorted({r["link"] for r in dense}):
         best = max((r for r in dense if r["link"] == link), key=lambda r: r["bytes"])
         lines.append(f"commrt dense / raw MPI allreduce throughput, {world_size} ranks, {link}, "
@@ -176,11 +176,12 @@ def model_section(records: list[dict], holdout_links: list[str] = ()) -> tuple[s
             t = m.predict_us(op, p, biggest, link=tlink if tlink != link else None)
             preds.append([bench, op, impl, tlink + (f" ({rpn}/node)" if rpn else ""), p,
                           fmt_bytes(biggest), t / 1e3])
-    text = ["Model: t = c + α·m(P) + β_rank·w + β_link·P·w (perf/model.py): m messages per rank, "
-            "w wire bytes per rank, P·w bytes on a shared link; fitted per "
+    text = ["Model: t = c + α·m(P) + β_rank·w + β_link·P·w (perf/analysis/model.py): "
+            "m messages per rank, w wire bytes per rank, P·w bytes on a shared link; fitted per "
             "benchmark/op/implementation/link by relative-error least squares with non-negative "
             "terms. 1/β is the effective bandwidth of a term.\n",
-            table(["bench", "op", "impl", "link", "points", "coefficients", "median fit err"], rows),
+            table(["bench", "op", "impl", "link", "points", "coefficients", "median fit err"],
+                  rows),
             ""]
     if checks:
         summary = []
@@ -191,19 +192,21 @@ def model_section(records: list[dict], holdout_links: list[str] = ()) -> tuple[s
             summary.append([kind, f"{sum(c['rel_err'] <= 0.25 for c in big)}/{len(big)}",
                             f"{sum(c['rel_err'] <= 0.25 for c in cs)}/{len(cs)}",
                             f"{errs[len(errs) // 2] * 100:.1f}%"])
-        text.append("**Held-back checks**: *interpolate* refits without the middle world size and "
-                    "predicts it, *extrapolate* refits without the largest world size, *link A->B* "
-                    "predicts measurements on rate B (never fitted) from the fit on A by swapping the "
-                    f"wire term. Sizes >= {fmt_bytes(BANDWIDTH_BOUND_BYTES)} are bandwidth-bound; "
-                    "below, an oversubscribed 2-core machine adds millisecond scheduling noise.\n")
+        text.append("**Held-back checks**: *interpolate* refits without the middle world size "
+                    "and predicts it, *extrapolate* refits without the largest world size, "
+                    "*link A->B* predicts measurements on rate B (never fitted) from the fit on A "
+                    f"by swapping the wire term. Sizes >= {fmt_bytes(BANDWIDTH_BOUND_BYTES)} are "
+                    "bandwidth-bound; below, an oversubscribed 2-core machine adds millisecond "
+                    "scheduling noise.\n")
         text.append(table(["check", f"within 25% (>= {fmt_bytes(BANDWIDTH_BOUND_BYTES)})",
                            "within 25% (all sizes)", "median error"], summary) + "\n")
         text.append("<details><summary>every held-back prediction</summary>\n")
         text.append(table(["check", "bench", "op", "impl", "fit link", "ranks", "size",
                            "measured(us)", "predicted(us)", "error"],
-                          [[c["check"], c["bench"], c["op"], c["impl"], c["fit_link"], c["world_size"],
-                            fmt_bytes(c["bytes"]), float(c["measured_us"]), float(c["predicted_us"]),
-                            f"{c['rel_err'] * 100:.1f}%"] for c in checks]) + "\n")
+                          [[c["check"], c["bench"], c["op"], c["impl"], c["fit_link"],
+                            c["world_size"], fmt_bytes(c["bytes"]), float(c["measured_us"]),
+                            float(c["predicted_us"]), f"{c['rel_err'] * 100:.1f}%"]
+                           for c in checks]) + "\n")
         text.append("</details>\n")
     if preds:
         text.append("Predictions for configurations not measured (largest size measured):\n")
@@ -350,8 +353,9 @@ def write_report(out_dir: str | Path) -> Path:
             for r in recs[1:]:
                 keys += [k for k in r if k not in keys and k != "bench"]
             md += [f"### {bench[0]}", "", table(keys, [[r.get(k) for k in keys] for r in recs]), ""]
-    for name, title in (("sparse", "Sparse and quantized allreduce (perf/sparse.py)"),
-                        ("overlap", "Overlap of communication with compute (perf/overlap.py)")):
+    for name, title in (
+            ("sparse", "Sparse and quantized allreduce (perf/bench/sparse.py)"),
+            ("overlap", "Overlap of communication with compute (perf/bench/overlap.py)")):
         sub_md = out_dir / name / f"{name}.md"
         if sub_md.exists():
             body = [ln for ln in sub_md.read_text().splitlines() if not ln.startswith("# ")]
@@ -361,16 +365,16 @@ def write_report(out_dir: str | Path) -> Path:
     methods_md = out_dir / "methods" / "table.md"
     if methods_md.exists():
         body = [ln for ln in methods_md.read_text().splitlines() if not ln.startswith("# ")]
-        md += ["## Hybrid methods vs DDP on two-tier nodes (perf/methods.py)", "", *body, ""]
+        md += ["## Hybrid methods vs DDP on two-tier nodes (perf/bench/methods.py)", "", *body, ""]
         if (out_dir / "methods" / "loss_vs_wall.png").exists():
             md += ["![methods loss vs wall clock](methods/loss_vs_wall.png)", ""]
     train = _load(out_dir / "train" / "summary.json", None)
     if train:
-        from perf.train_bench import report_section
+        from perf.bench.train_bench import report_section
         md += ["## Training comparison", "", report_section(train, out_dir), ""]
     prof = _load(out_dir / "profile" / "summary.json", None)
     if prof:
-        from perf.profile import report_section as profile_section
+        from perf.infra.profile import report_section as profile_section
         md += ["## Profiles", "", profile_section(prof), ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(md) + "\n")

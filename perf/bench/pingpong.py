@@ -1,9 +1,10 @@
 """Raw mpi4py microbenchmark: point-to-point ping-pong and allreduce sweeps.
 
-Self-contained (only mpi4py and numpy), so the suite's runner, the link emulation and
-the α–β fit can be exercised without the rest of commrt. Run under mpirun::
+Needs only mpi4py and numpy (no torch, no commrt), so it starts fast on every rank and
+the suite's runner, the link emulation and the α–β fit can be exercised without the rest
+of commrt. Run under mpirun::
 
-    mpirun -n 4 python -m perf._pingpong --sizes 1k,64k,1m --json out.json
+    mpirun -n 4 python -m perf.bench.pingpong --sizes 1k,64k,1m --json out.json
 
 Records (one per op and size, written by rank 0): op ("pingpong" | "allreduce"),
 impl "mpi4py", bytes (message / array size), count, dtype, time_us (one-way for
@@ -19,12 +20,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-
-def parse_size(text: str) -> int:
-    """'4k' -> 4096, '1m' -> 1048576, '123' -> 123."""
-    text = text.strip().lower()
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
-    return int(float(text[:-1] if mult > 1 else text) * mult)
+from perf.infra.units import bus_factor, parse_sizes
 
 
 def _iterations(nbytes: int, budget_bytes: float, lo: int, hi: int) -> int:
@@ -73,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--peer must be in [1, {size - 1}], got {peer}")
     records = []
     for op in args.ops.split(","):
-        for nbytes in (parse_size(s) for s in args.sizes.split(",")):
+        for nbytes in parse_sizes(args.sizes):
             count = max(1, nbytes // 4)
             buf = np.ones(count, dtype=np.float32)
             iters = _iterations(buf.nbytes, args.budget_mb * 2**20 / 3, 2, 50)
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 if size < 2:
                     continue
 
-                def step() -> None:
+                def step(buf: np.ndarray = buf) -> None:
                     if rank == 0:
                         comm.Send(buf, dest=peer, tag=7)
                         comm.Recv(buf, source=peer, tag=7)
@@ -89,24 +85,23 @@ def main(argv: list[str] | None = None) -> None:
                         comm.Recv(buf, source=0, tag=7)
                         comm.Send(buf, dest=0, tag=7)
 
-                seconds = _timed(comm, step, iters, 2, args.repeats or _repeats(buf.nbytes)) / 2     # one way
-                wire = buf.nbytes
-                factor = 1.0
+                repeats = args.repeats or _repeats(buf.nbytes)
+                seconds = _timed(comm, step, iters, 2, repeats) / 2     # one way
             elif op == "allreduce":
-                def step() -> None:
+                def step(buf: np.ndarray = buf) -> None:
                     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
                 seconds = _timed(comm, step, iters, 2, args.repeats or _repeats(buf.nbytes))
-                factor = 2 * (size - 1) / size
-                wire = factor * buf.nbytes
             else:
                 raise ValueError(f"unknown op {op!r}: use pingpong, allreduce")
+            factor = bus_factor(op, size)    # wire bytes per rank = factor x the array's
             algbw = buf.nbytes / seconds / 1e9
-            records.append(dict(bench="mpi-raw", op=op, impl="mpi4py", bytes=int(buf.nbytes), count=int(count),
-                                dtype="float32", time_us=seconds * 1e6, algbw_gbps=algbw,
+            records.append(dict(bench="mpi-raw", op=op, impl="mpi4py", bytes=int(buf.nbytes),
+                                count=int(count), dtype="float32", time_us=seconds * 1e6,
+                                algbw_gbps=algbw,
                                 busbw_gbps=algbw * factor, world_size=size,
                                 peer=peer if op == "pingpong" else None,
-                                wire_bytes=float(wire), iters=iters))
+                                wire_bytes=float(factor * buf.nbytes), iters=iters))
     if rank == 0:
         for r in records:
             print(f"{r['op']:>10} {r['bytes']:>10} B  {r['time_us']:>11.1f} us  "

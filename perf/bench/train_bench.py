@@ -1,9 +1,9 @@
 """Training comparison: every method of ``python -m commrt.train`` on the same emulated link.
 
-    python -m perf.train_bench --link 1gbit --nprocs 4 --steps 60 --out DIR [--json OUT]
+    python -m perf.bench.train_bench --link 1gbit --nprocs 4 --steps 60 --out DIR [--json OUT]
 
 Each method trains the same model from the same seed on the same data, one ``mpirun`` job per
-method over the same link (perf/netem.py; ``--ranks-per-node R`` uses the two-tier emulation
+method over the same link (perf/infra/netem.py; ``--ranks-per-node R`` uses the two-tier emulation
 and is passed to the hybrid methods). From each run's ``metrics.jsonl`` and ``summary.json``:
 
 * **time to target**: the training wall-clock (``wall_s``, process start-up excluded) of the
@@ -27,21 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perf.netem import LinkUnavailable, launch_mpi
+from commrt.optim.registry import METHODS
+from perf.infra.launch import launch_mpi
+from perf.infra.netem import LinkUnavailable
 
-ALL_METHODS = ("ddp", "spardl", "topka", "gtopk", "quant8", "quant1", "demo", "flexdemo", "edit",
-               "aedit", "acco", "zero1", "dpu", "cdp")
+# The methods on a 2-D mesh of nodes: they take --ranks-per-node.
 HYBRID = ("flexdemo", "edit", "aedit")
 TINY_METHODS = ("ddp", "spardl")
-
-
-def available_methods() -> list[str]:
-    """Methods `commrt.train` offers (its METHODS table), else the list above."""
-    try:
-        from commrt.train import METHODS
-        return list(METHODS)
-    except Exception:  # noqa: BLE001 - the training entry point may not import in a checkout
-        return list(ALL_METHODS)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -204,7 +196,7 @@ def report_section(summary: dict, out_dir: Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m perf.train_bench",
+    parser = argparse.ArgumentParser(prog="python -m perf.bench.train_bench",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--link", default="shm")
     parser.add_argument("--nprocs", type=int, default=4)
@@ -223,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("train_args", nargs="*", help="extra arguments for commrt.train (after --)")
     args = parser.parse_args(argv)
-    offered = available_methods()
+    offered = list(METHODS)
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in offered]
@@ -242,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in methods:
             results[method] = run_method(method, args, out)
     except LinkUnavailable as exc:
-        print(f"perf.train_bench: {exc}", file=sys.stderr)
+        print(f"perf.bench.train_bench: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     target = args.target_loss if args.target_loss is not None else default_target(results)
     rule = ("given" if args.target_loss is not None
@@ -265,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps(records, indent=1))
     failed = [m for m, r in results.items() if r["status"] != "ok"]
     if failed:
-        print(f"perf.train_bench: failed methods: {', '.join(failed)}", file=sys.stderr)
+        print(f"perf.bench.train_bench: failed methods: {', '.join(failed)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

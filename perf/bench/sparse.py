@@ -2,7 +2,7 @@
 
 Sweeps n (floats per rank), density, world size and algorithm — dense, spardl (1 team),
 spardl2 (2 teams, B-SAG), topka, gtopk, quant8, quant1 — on plain shared memory and on an
-emulated link (via perf.netem: a network namespace whose loopback is
+emulated link (via perf.infra.netem: a network namespace whose loopback is
 shaped by tc, always deleted afterwards), and writes under --out:
 
     sparse.json   one record per (link, world_size, n, density, algorithm):
@@ -26,8 +26,8 @@ shaped by tc, always deleted afterwards), and writes under --out:
 
 Usage (the driver launches one MPI job per (link, world size) with --worker)::
 
-    python -m perf.sparse --sizes 1M,16M --densities 0.001,0.01,0.1 --world-sizes 4,8,16 \
-        --links shm,1gbit --iters 3 --out perf/results/sparse
+    python -m perf.bench.sparse --sizes 1M,16M --densities 0.001,0.01,0.1 --world-sizes 4,8,16 \
+        --links shm,1gbit --iters 3 --out results/sparse
 
 Sizes accept K/M suffixes (powers of two: 1M = 2^20). Without root/ip/tc the shaped links
 are reported as unavailable and skipped. ``--reuse N`` turns on threshold reuse (every
@@ -47,19 +47,21 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from perf.infra.units import comma_list, parse_sizes
+from perf.infra.workers import (
+    add_driver_arguments,
+    dispatch,
+    run_worker_job,
+    write_json,
+)
+
+MODULE = "perf.bench.sparse"
 ALGORITHMS = ("dense", "spardl", "spardl2", "topka", "gtopk", "quant8", "quant1")
 DENSITY_FREE = ("dense", "quant8", "quant1")
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    return int(float(text[:-1] if text[-1:] in "KMG" else text) * scale)
 
 
 def format_size(n: int) -> str:
@@ -155,7 +157,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
 def add_breakdown(records: list[dict[str, Any]]) -> None:
     """wait_ms, link_ms and shm_ms of every record (see the module docstring)."""
-    from perf.netem import link_rate_bps
+    from perf.infra.netem import link_rate_bps
 
     shm = {(r["world_size"], r["n"], r["algorithm"], r["density"]): r["time_ms"]
            for r in records if r["link"] == "shm"}
@@ -246,43 +248,36 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
 
 
 def run_driver(args: argparse.Namespace) -> int:
-    from perf.netem import LinkUnavailable, launch_mpi
+    from perf.infra.launch import launch_mpi
+    from perf.infra.netem import LinkUnavailable
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     skipped: list[str] = []
+    worker_args = ["--reuse", str(args.reuse), "--sizes", ",".join(map(str, args.sizes)),
+                   "--densities", ",".join(map(str, args.densities)),
+                   "--algorithms", ",".join(args.algorithms),
+                   "--iters", str(args.iters), "--warmup", str(args.warmup)]
     for link in args.links:
         for P in args.world_sizes:
-            with tempfile.TemporaryDirectory() as tmp:
-                result = Path(tmp) / "records.json"
-                worker_args = ["--worker", "--json", str(result), "--reuse", str(args.reuse),
-                               "--sizes", ",".join(map(str, args.sizes)),
-                               "--densities", ",".join(map(str, args.densities)),
-                               "--algorithms", ",".join(args.algorithms),
-                               "--iters", str(args.iters), "--warmup", str(args.warmup)]
-                started = time.perf_counter()
-                try:
-                    proc = launch_mpi(P, "perf.sparse", worker_args, link=link,
-                                      timeout=args.timeout, check=False)
-                except LinkUnavailable as exc:
-                    skipped.append(f"{link}: unavailable ({exc})")
-                    print(f"[perf.sparse] link {link} unavailable: {exc}", file=sys.stderr)
-                    break
-                except Exception as exc:  # a timeout: report it, keep the other points
-                    skipped.append(f"{link} P={P}: {type(exc).__name__}")
-                    print(f"[perf.sparse] {link} P={P} failed: {exc}", file=sys.stderr)
-                    continue
-                sys.stdout.write(proc.stdout)
-                if proc.returncode != 0 or not result.exists():
-                    skipped.append(f"{link} P={P}: exit {proc.returncode}")
-                    sys.stderr.write(proc.stderr[-3000:])
-                    continue
-                for r in json.loads(result.read_text()):
-                    r["link"] = link
-                    records.append(r)
-                print(f"[perf.sparse] {link} P={P}: {time.perf_counter() - started:.0f} s",
-                      flush=True)
+            started = time.perf_counter()
+            try:
+                job = run_worker_job(
+                    lambda argv, P=P, link=link: launch_mpi(P, MODULE, argv, link=link,
+                                                            timeout=args.timeout, check=False),
+                    worker_args, f"{link} P={P}", skipped)
+            except LinkUnavailable as exc:
+                skipped.append(f"{link}: unavailable ({exc})")
+                print(f"[perf.bench.sparse] link {link} unavailable: {exc}", file=sys.stderr)
+                break
+            if job is None:
+                continue
+            for r in job:
+                r["link"] = link
+                records.append(r)
+            print(f"[perf.bench.sparse] {link} P={P}: {time.perf_counter() - started:.0f} s",
+                  flush=True)
     add_speedups(records)
     add_breakdown(records)
     header = (f"# Sparse allreduce benchmark\n\nhost: {os.uname().nodename}, "
@@ -294,19 +289,20 @@ def run_driver(args: argparse.Namespace) -> int:
               f"time), shm = the same point on shm; threshold reuse "
               f"{'every ' + str(args.reuse) + ' calls' if args.reuse > 1 else 'off'}."
               + (f"\n\nnot run: {'; '.join(skipped)}" if skipped else ""))
-    (out / "sparse.json").write_text(json.dumps(records, indent=1))
+    write_json(out / "sparse.json", records)
     (out / "sparse.md").write_text(markdown(records, header))
     plotted = plot(records, out / "sparse.png")
     print(markdown(records, header))
-    print(f"[perf.sparse] wrote {out}/sparse.json, sparse.md"
+    print(f"[perf.bench.sparse] wrote {out}/sparse.json, sparse.md"
           + (", sparse.png" if plotted else " (no plot: matplotlib missing)"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
+    write_json(args.json, records)
     return 0 if records else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m perf.sparse", description=__doc__,
+    from perf.infra.launch import RESULTS_DIR
+
+    p = argparse.ArgumentParser(prog="python -m perf.bench.sparse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1M", help="floats per rank, comma separated (1M,16M)")
     p.add_argument("--densities", default="0.001,0.01,0.1")
@@ -319,16 +315,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse", type=int, default=1,
                    help="threshold reuse: the sparse algorithms keep each top-k threshold "
                         "for up to this many calls (1: off); pair with --warmup >= 1/density")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per MPI job")
-    p.add_argument("--out", default="perf/results/sparse")
-    p.add_argument("--json", default=None, help="also write the records here")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_driver_arguments(p, timeout=600.0, out=str(RESULTS_DIR / "sparse"),
+                         out_help="folder of sparse.json, sparse.md and sparse.png")
     args = p.parse_args(argv)
-    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s]
-    args.densities = [float(d) for d in args.densities.split(",") if d]
-    args.world_sizes = [int(w) for w in args.world_sizes.split(",") if w]
-    args.algorithms = [a for a in args.algorithms.split(",") if a]
-    args.links = [link for link in args.links.split(",") if link]
+    args.sizes = parse_sizes(args.sizes)
+    args.densities = comma_list(args.densities, float)
+    args.world_sizes = comma_list(args.world_sizes, int)
+    args.algorithms = comma_list(args.algorithms)
+    args.links = comma_list(args.links)
     bad = [a for a in args.algorithms if a not in ALGORITHMS]
     if bad:
         p.error(f"unknown algorithms {bad}; choose from {ALGORITHMS}")
@@ -340,11 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        run_worker(args)
-        return 0
-    return run_driver(args)
+    return dispatch(parse_args(argv), run_worker, run_driver)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ For one (benchmark, op, implementation, link) the time of a call on P ranks movi
 
 with m(P) the latency rounds of one call (messages per rank: the record's ``messages``
 field, else the formula of ``latency_rounds``), w the wire bytes per rank (the record's
-``wire_bytes``, else the volume formula of docs/design.md §5) and P·w the bytes the whole job puts
-on the fabric at once (w for point-to-point ops, where one message is in flight). β_rank is the cost per byte of one rank's link (per-node NIC, memory copies);
-β_link the cost per byte of a link every rank shares (the flat shaped loopback of
-perf/netem.py: all ranks' bytes cross one tbf). All coefficients are fitted non-negative on
-*relative* error (times span five decades), choosing the best subset of
-terms, so a term the data cannot see is dropped instead of going negative. The loss is the
+``wire_bytes``, else the volume formula of docs/design.md §5: the bus factor of
+perf/infra/units.py times the array's bytes) and P·w the bytes the whole job puts on the
+fabric at once (w for point-to-point ops, where one message is in flight). β_rank is the
+cost per byte of one rank's link (per-node NIC, memory copies); β_link the cost per byte of
+a link every rank shares (the flat shaped loopback of perf/infra/netem.py: all ranks' bytes
+cross one tbf). All coefficients are fitted non-negative on *relative* error (times span
+five decades), choosing the best subset of terms, so a term the data cannot see is dropped
+instead of going negative. The loss is the
 absolute relative error (robust to the scheduling outliers of an oversubscribed machine).
 
 A model predicts other world sizes and sizes directly, and other link rates by swapping the
@@ -31,44 +33,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from perf.netem import link_rate_bps
+from perf.infra.netem import link_rate_bps
+from perf.infra.units import base_op, bus_factor
 
 TERMS = ("c", "alpha", "beta_rank", "beta_link")
-
-# nccl-tests bus-bandwidth factors (docs/design.md §6); wire bytes per rank per call of a
-# bandwidth-optimal algorithm are factor × array bytes for these ops.
-_BUS_FACTOR = {
-    "allreduce": lambda p: 2 * (p - 1) / p,
-    "reduce_scatter": lambda p: (p - 1) / p,
-    "allgather": lambda p: (p - 1) / p,
-    "alltoall": lambda p: (p - 1) / p,
-    "broadcast": lambda p: 1.0,
-    "reduce": lambda p: 1.0,
-    "pingpong": lambda p: 1.0,
-    "sendrecv": lambda p: 1.0,
-}
-
-
-def bus_factor(op: str, world_size: int) -> float:
-    """nccl-tests busbw factor of `op` on `world_size` ranks (1 for ops it does not list)."""
-    fn = _BUS_FACTOR.get(_base_op(op))
-    return fn(world_size) if fn and world_size > 0 else 1.0
-
-
-def _base_op(op: str) -> str:
-    op = op.lower().replace("-", "_")
-    for name in ("reduce_scatter", "allreduce", "allgather", "alltoall", "broadcast", "reduce",
-                 "pingpong", "sendrecv"):
-        if name in op:
-            return name
-    return op
-
 
 def latency_rounds(op: str, world_size: int) -> float:
     """Messages per rank of one call when a record does not say: 1 for point-to-point,
     2⌈log2 P⌉ for allreduce (reduce-scatter + all-gather halves), ⌈log2 P⌉ otherwise."""
     p = max(world_size, 1)
-    base = _base_op(op)
+    base = base_op(op)
     if base in ("pingpong", "sendrecv"):
         return 1.0
     logp = math.ceil(math.log2(p)) if p > 1 else 0
@@ -83,7 +57,7 @@ def features(record: dict) -> np.ndarray:
     m = float(m) if m is not None else latency_rounds(record["op"], p)
     w = record.get("wire_bytes")
     w = float(w) if w is not None else bus_factor(record["op"], p) * float(record["bytes"])
-    senders = 1 if _base_op(record["op"]) in ("pingpong", "sendrecv") else p
+    senders = 1 if base_op(record["op"]) in ("pingpong", "sendrecv") else p
     return np.array([1.0, m, w, senders * w])
 
 
@@ -133,7 +107,8 @@ class AlphaBeta:
         if old is None or new is None:
             if link == self.link:
                 return self
-            raise ValueError(f"can only move a model between shaped links, not {self.link} -> {link}")
+            raise ValueError(f"can only move a model between shaped links, not {self.link} "
+                             f"-> {link}")
         delta = 8.0 / new - 8.0 / old
         beta_rank, beta_link = self.beta_rank, self.beta_link
         # Flat emulation: all ranks' bytes share the shaped loopback (the P·w term); two-tier

@@ -1,8 +1,9 @@
 """Benchmark of the compression kernels against torch and against a plain copy.
 
-    python -m perf.kernels [--sizes 16m] [--densities 0.01] [--impls cpu]
-                           [--dtype float32] [--repeat 5] [--device auto|cuda|cpu]
-                           [--threads 1] [--quick] [--json OUT] [--markdown OUT] [--out DIR]
+    python -m perf.bench.kernels [--sizes 16m] [--densities 0.01] [--impls cpu]
+                                 [--dtype float32] [--repeat 5] [--device auto|cuda|cpu]
+                                 [--threads 1] [--quick] [--json OUT] [--markdown OUT]
+                                 [--out DIR]
 
 For each size n (elements; k/m suffixes) and density rho (k = rho n) it builds every kernel
 case and times them interleaved: ``repeat`` rounds, each running every case once (after an
@@ -48,6 +49,7 @@ from pathlib import Path
 import torch
 
 import commrt.kernels as K
+from perf.infra.units import parse_sizes
 
 GPU_SIZES = "1m,16m,100m"
 CPU_SIZES = "16m"
@@ -57,13 +59,6 @@ BLOCK = 4096          # per-block top-k: one 64 x 64 DeMo chunk
 DCT_CHUNK = 64
 DCT_COLS = 1024       # the 2-D DCT runs on x viewed as [n / DCT_COLS, DCT_COLS]
 IMPLS = ("triton", "cpu", "torch")
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().lower()
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in "kmg" else text
-    return int(float(number) * mult)
 
 
 def device_name(device: torch.device) -> str:
@@ -186,11 +181,14 @@ def build_cases(n: int, densities: list[float], impls: list[str], dtype: torch.d
             f = fns[impl]
             pair_bytes = k * (isz + 8)
             packed = f["pack"](values, indices, n)
+            # Every name bound now: the cases run after the loop over densities.
             for kernel, fn, traffic in (
-                    ("pack_sparse", lambda f=f: f["pack"](values, indices, n), pair_bytes + nbytes),
+                    ("pack_sparse", lambda f=f, v=values, i=indices: f["pack"](v, i, n),
+                     pair_bytes + nbytes),
                     ("unpack_sparse", lambda f=f, b=packed: f["unpack"](b, dtype, n),
                      nbytes + pair_bytes),
-                    ("scatter_add_", lambda f=f: f["scatter"](dense, indices, values),
+                    ("scatter_add_",
+                     lambda f=f, d=dense, v=values, i=indices: f["scatter"](d, i, v),
                      k * (2 * isz + 8))):
                 cases.append(Case(kernel, impl, fn, traffic, f"{kernel}|torch|{rho}", rho))
 
@@ -323,7 +321,7 @@ def _run(args: argparse.Namespace, device: torch.device, sizes: str,
 
     records: list[dict] = []
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    for n in [parse_size(s) for s in sizes.split(",")]:
+    for n in parse_sizes(sizes):
         need = 12 * n * itemsize + (64 << 20)   # x, residual, work, dense, copies, outputs
         if need > 0.8 * available_bytes(device):
             print(f"skipping n={n}: needs ~{need / 2**30:.1f} GiB", flush=True)

@@ -1,9 +1,9 @@
 """Overlap benchmark: exposed communication of DDP, ZeRO-1, DPU, ACCO, CDP-v1 and CDP-v2,
 and CDP's activation memory with staggered workers.
 
-    python -m perf.overlap [--nprocs 4 8] [--links shm 1gbit] [--steps 12] [--out DIR]
+    python -m perf.bench.overlap [--nprocs 4 8] [--links shm 1gbit] [--steps 12] [--out DIR]
 
-One ``mpirun`` job per (link, world size) over perf.netem (``shm``: plain shared memory;
+One ``mpirun`` job per (link, world size) over perf/infra/netem.py (``shm``: plain shared memory;
 ``1gbit``: a namespace whose loopback is shaped to 1 Gbit/s, MPICH on TCP). Every job
 trains the GPT of commrt.model (preset and size flags below) on the default corpus with
 each method in turn, from the same seed, for the same global number of micro-batches
@@ -41,10 +41,13 @@ import os
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from commrt.optim.base import TrainingMethod
+from perf.infra.launch import RESULTS_DIR
+
 METHODS = ("ddp", "zero1", "dpu", "acco", "cdp-v1", "cdp-v2")
 BASELINE = {"dpu": "zero1", "acco": "zero1", "cdp-v1": "ddp", "cdp-v2": "ddp"}
 
@@ -53,7 +56,7 @@ BASELINE = {"dpu": "zero1", "acco": "zero1", "cdp-v1": "ddp", "cdp-v2": "ddp"}
 # per-rank worker
 
 
-class _FlatAllreduceDP:
+class _FlatAllreduceDP(TrainingMethod):
     """DDP stand-in: micro_batches × (forward, backward), one allreduce of the flat
     gradient, torch AdamW. Wire bytes per step: 2(P−1)/P · 4n."""
 
@@ -69,7 +72,7 @@ class _FlatAllreduceDP:
         self._stats = dict(step_s=0.0, compute_s=0.0, wait_s=0.0)
 
     def step(self, next_batch, loss_fn):
-        import torch
+        from commrt.transports import flatten, unflatten_into
 
         t0 = time.perf_counter()
         losses = []
@@ -79,13 +82,10 @@ class _FlatAllreduceDP:
             loss.backward()
             losses.append(float(loss) * self.micro_batches)
         t1 = time.perf_counter()
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+        flat = flatten([p.grad for p in self.params])
         self.comm.iallreduce(flat, kind="ddp_all_reduce").wait()
         flat /= self.comm.size
-        off = 0
-        for p in self.params:
-            p.grad.copy_(flat[off:off + p.numel()].view_as(p))
-            off += p.numel()
+        unflatten_into(flat, [p.grad for p in self.params])
         t2 = time.perf_counter()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -100,29 +100,30 @@ class _FlatAllreduceDP:
             self._stats = {k: 0.0 for k in self._stats}
         return s
 
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-def _build(name: str, model, comm, args, acco_fixed: int | None = None):
-    import torch
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
-    from commrt.optim import ACCO, CDP, DPU, ZeRO1
 
-    betas = (0.9, 0.95)
+def _build(name: str, model, comm, args, acco_fixed: int | None = None, **changes):
+    """Method `name` of this benchmark over `comm`: DDP is the flat stand-in above, the
+    others come from commrt.optim.registry (``cdp-v1`` is its ``cdp`` with rule v1) with
+    the benchmark's settings, plus `changes` to MethodOptions."""
+    from commrt.optim.registry import MethodOptions, build_method
+
     if name == "ddp":
-        return _FlatAllreduceDP(model, comm, args.lr, betas, 0.1)
-    if name == "zero1":
-        return ZeRO1(model, args.lr, betas, 0.1, comm, micro_batches=2)
-    if name == "dpu":
-        return DPU(model, args.lr, betas, 0.1, comm, micro_batches=2)
+        return _FlatAllreduceDP(model, comm, args.lr, (0.9, 0.95), 0.1)
+    method, _, rule = name.partition("-")
+    options = MethodOptions(lr=args.lr, beta1=0.9, beta2=0.95, weight_decay=0.1,
+                            micro_batches=2, max_micro_batches=args.acco_max_micro_batches,
+                            stages=args.stages, rule=rule or "v1", workers_per_device=2)
     if name == "acco":
-        if acco_fixed is not None:   # the compute-only twin: the same work per phase
-            return ACCO(model, args.lr, betas, 0.1, comm, micro_batches=acco_fixed,
-                        sync_comm=True)
-        return ACCO(model, args.lr, betas, 0.1, comm, min_micro_batches=1,
-                    max_micro_batches=args.acco_max_micro_batches)
-    rule = name.split("-")[1]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=betas, weight_decay=0.1)
-    return CDP(model, opt, stages=args.stages, rule=rule, process_group=comm,
-               workers_per_device=2)
+        # adaptive; the compute-only twin does the same work per phase, synchronously
+        options = replace(options, micro_batches=acco_fixed, sync_comm=acco_fixed is not None)
+    return build_method(method, model, replace(options, **changes), comm)
 
 
 def worker(args) -> None:
@@ -158,8 +159,7 @@ def worker(args) -> None:
             consumed = sum(comm.allgather_object(sampler.position))
             timed_steps = steps - args.warmup
         s = method.stats()
-        if hasattr(method, "close"):
-            method.close()
+        method.close()
         with torch.no_grad():
             val_loss = sum(float(lm_loss(model(x), y)) for x, y in val_batches) / len(val_batches)
         n = max(timed_steps, 1)
@@ -187,8 +187,7 @@ def worker(args) -> None:
     if args.memory:
         for stagger in (True, False):
             model = build_gpt(config, seed=0)
-            opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-            method = _build_cdp_memory(model, opt, comm, args, stagger)
+            method = _build("cdp-v1", model, comm, args, workers_per_device=4, stagger=stagger)
             sampler = BatchSampler(data.shard(r, P), args.batch_size, config.block_size,
                                    seed=1, stream=r)
             for _ in range(2):
@@ -223,17 +222,9 @@ def _compute_only_step_s(name, config, args, data, comm, real_stats, loss_fn) ->
     elapsed = (time.perf_counter() - t0) / repeats
     if fixed is not None:  # per micro-batch: the real run's phases average a fraction
         elapsed *= 2 * real_stats["micro_batches_per_round"] / (2 * fixed)
-    if hasattr(method, "close"):
-        method.close()
+    method.close()
     comm.barrier()
     return elapsed
-
-
-def _build_cdp_memory(model, opt, comm, args, stagger):
-    from commrt.optim import CDP
-
-    return CDP(model, opt, stages=args.stages, rule="v1", process_group=comm,
-               workers_per_device=4, stagger=stagger)
 
 
 # --------------------------------------------------------------------------------------
@@ -311,12 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--twin", action="store_true",
                    help="also time each method on a one-rank communicator (compute-only twin)")
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", default=str(REPO_ROOT / "perf" / "results" / "overlap"))
+    p.add_argument("--out", default=str(RESULTS_DIR / "overlap"))
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return
-    from perf.netem import LinkUnavailable, launch_mpi
+    from perf.infra.launch import launch_mpi
+    from perf.infra.netem import LinkUnavailable
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         for nprocs in args.nprocs:
             t0 = time.time()
             try:
-                proc = launch_mpi(nprocs, "perf.overlap", passthrough, link=link,
+                proc = launch_mpi(nprocs, "perf.bench.overlap", passthrough, link=link,
                                   timeout=args.timeout, check=False)
             except LinkUnavailable as exc:
                 print(f"skip {link}: {exc}", file=sys.stderr)
@@ -352,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             print(_table(run) + "\n", flush=True)
             (out / "overlap.json").write_text(json.dumps(runs, indent=1))
     load = os.getloadavg()[0]
-    header = ["# Overlap benchmark (perf/overlap.py)", "",
+    header = ["# Overlap benchmark (perf/bench/overlap.py)", "",
               f"Machine: {socket.gethostname()}, {os.cpu_count()} cores, load average "
               f"{load:.1f} at the end (ranks share cores when they outnumber them); GPT "
               f"preset {args.preset} (n_layer {args.n_layer}, n_embd {args.n_embd}, "

@@ -1,10 +1,10 @@
 """Issue 7's benchmark: DDP (AdamW), DeMo, FlexDeMo, EDiT and A-EDiT on one emulated link.
 
-    python -m perf.methods --out perf/results/methods                  # 8 ranks, 1 Gbit/s
-    python -m perf.methods --out DIR --steps 60 --nprocs 4 --ranks-per-node 2 --link shm
+    python -m perf.bench.methods --out results/methods                  # 8 ranks, 1 Gbit/s
+    python -m perf.bench.methods --out DIR --steps 60 --nprocs 4 --ranks-per-node 2 --link shm
 
 Every method trains the same small GPT from the same seed through ``python -m commrt.train``
-(one ``mpirun`` job per method, over perf/netem.py), the same number of steps. The hybrid
+(one ``mpirun`` job per method, over perf/infra/netem.py), the same number of steps. The hybrid
 methods (FlexDeMo, EDiT, A-EDiT) run on the 2-D mesh of ``--ranks-per-node`` ranks per node
 (default 4: 2 nodes × 4 for 8 ranks). ``--topology two-tier`` (default) emulates real
 nodes: ranks of a node share memory, each node reaches the others through its own NIC
@@ -36,11 +36,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from perf.netem import LinkUnavailable
-from perf.train_bench import aedit_rounds, plot, run_training, time_to_target
+from perf.bench.train_bench import HYBRID, aedit_rounds, plot, run_training, time_to_target
+from perf.infra.netem import LinkUnavailable
 
 METHODS = ("ddp", "demo", "flexdemo", "edit", "aedit")
-HYBRID = ("flexdemo", "edit", "aedit")
 
 
 def method_args(method: str, args: argparse.Namespace) -> list[str]:
@@ -151,7 +150,8 @@ def table(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m perf.methods", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m perf.bench.methods",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--link", default="1gbit")
     p.add_argument("--topology", default="two-tier", choices=["two-tier", "flat"])
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in methods:
             results[method] = run_method(method, args, out)
     except LinkUnavailable as exc:
-        print(f"perf.methods: {exc} (rerun with --link shm)", file=sys.stderr)
+        print(f"perf.bench.methods: {exc} (rerun with --link shm)", file=sys.stderr)
         raise SystemExit(2) from None
     judge(results)
     target = results.get("ddp", {}).get("final_val_loss")

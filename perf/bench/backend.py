@@ -1,11 +1,11 @@
 """The `commrt` torch.distributed backend against raw mpi4py, on the same buffers, in one run.
 
-    python -m perf.backend                          # 2 and 4 ranks, shm, 9 rounds
-    python -m perf.backend --ranks 2 --rounds 15 --out backend.md
-    python -m perf.backend --layers                 # also the layers in between (see below)
-    python -m perf.backend --launchers mpirun,torchrun --jobs 3   # the launchers compared
+    python -m perf.bench.backend                          # 2 and 4 ranks, shm, 9 rounds
+    python -m perf.bench.backend --ranks 2 --rounds 15 --out backend.md
+    python -m perf.bench.backend --layers                 # also the layers in between (see below)
+    python -m perf.bench.backend --launchers mpirun,torchrun --jobs 3   # the launchers compared
 
-The driver launches one ``mpirun`` job per world size in ``--ranks`` (perf.netem's
+The driver launches one ``mpirun`` job per world size in ``--ranks`` (perf.infra.launch's
 launcher, shm) with ``--worker``; the perf suite (``python -m perf run collectives``)
 runs the worker directly. Per op and size, every rank holds one set of torch tensors;
 raw mpi4py works on numpy views of exactly those tensors, the backend on the tensors:
@@ -41,7 +41,7 @@ raw MPI and commrt under each launcher.
 Output: a markdown table per world size (per job) with machine info (cores, load average before
 and after each job, ranks per core, MPI library, the environment variables that change
 the result: COMMRT_*, MPIR_CVAR_*, TORCH_DISTRIBUTED_DEBUG), printed and written to
-``--out`` (default ``perf/results/<date>-<host>/backend.md``); ``--json`` writes the
+``--out`` (default ``results/<date>-<host>/backend.md``); ``--json`` writes the
 records (op, impl, bytes, time_us, cpu_us, world_size; the backend's records also carry
 overhead_us and ratio). Timings from a loaded machine say little: the table shows the
 load average beside every job.
@@ -57,15 +57,22 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from commrt.transports.rendezvous import MPI_LAUNCHER_ENV
-from perf.netem import REPO_ROOT, job_env, launch_mpi
+from perf.infra.launch import REPO_ROOT, dated_results_dir, job_env, launch_mpi
+from perf.infra.units import comma_list, parse_sizes
+from perf.infra.workers import (
+    add_driver_arguments,
+    dispatch,
+    run_worker_job,
+    write_json,
+)
 
+MODULE = "perf.bench.backend"
 OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast")
 DEFAULT_SIZES = "1k,4k,64k,1m,4m"
 SMALL_BYTES = 4 << 10       # the per-call overhead target applies at and below this size
@@ -129,7 +136,7 @@ def floor_group() -> Any:
             super().__init__(rank, size)
             self.comm = MPI.COMM_WORLD.Dup()
 
-        def getBackendName(self) -> str:  # noqa: N802 (c10d's name)
+        def getBackendName(self) -> str:
             return "floor"
 
         def allreduce(self, tensors: list, opts: Any = None) -> FloorWork:
@@ -177,7 +184,7 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
     import torch.distributed as dist
 
     import commrt  # noqa: F401  (registers the backend)
-    from perf.collectives import Buffers, iterations, raw_call, timed, torch_call
+    from perf.bench.collectives import Buffers, iterations, raw_call, timed, torch_call
 
     torch.set_num_threads(1)
     # First: without mpirun (torchrun) this is what forms MPI's world.
@@ -224,7 +231,7 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
                 records.append(rec)
             if rank == 0:
                 rec = next(r for r in records[-len(calls):] if r["impl"] == "commrt")
-                print(f"[perf.backend] P={p} {op:<15}{b.nbytes:>9} B  raw "
+                print(f"[perf.bench.backend] P={p} {op:<15}{b.nbytes:>9} B  raw "
                       f"{records[-len(calls)]['time_us']:9.1f} us  commrt {rec['time_us']:9.1f} us"
                       f"  +{rec['overhead_us']:.1f} us  {rec['ratio']:.2f}x", flush=True)
     dist.destroy_process_group()
@@ -295,17 +302,17 @@ def machine_info() -> dict[str, Any]:
 
 def launch(args: argparse.Namespace, nprocs: int, worker_args: list[str],
            via: str = "mpirun") -> subprocess.CompletedProcess:
-    """One worker job: perf.netem's mpirun over shm, `--launcher` (its argv, then
-    ``-n N python -m perf.backend ...``), or torchrun (`via`), with the same environment."""
+    """One worker job: perf.infra.launch's mpirun over shm, `--launcher` (its argv, then
+    ``-n N python -m perf.bench.backend ...``), or torchrun (`via`), with the same environment."""
     if via == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nprocs}", "-m", "perf.backend", *worker_args]
+               f"--nproc-per-node={nprocs}", "-m", MODULE, *worker_args]
         env = {k: v for k, v in job_env(nprocs).items() if k not in MPI_LAUNCHER_ENV}
         return subprocess.run(cmd, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True,
                               timeout=args.timeout)
     if not args.launcher:
-        return launch_mpi(nprocs, "perf.backend", worker_args, timeout=args.timeout, check=False)
-    cmd = [*shlex.split(args.launcher), "-n", str(nprocs), sys.executable, "-m", "perf.backend",
+        return launch_mpi(nprocs, MODULE, worker_args, timeout=args.timeout, check=False)
+    cmd = [*shlex.split(args.launcher), "-n", str(nprocs), sys.executable, "-m", MODULE,
            *worker_args]
     return subprocess.run(cmd, cwd=str(REPO_ROOT), env=job_env(nprocs), capture_output=True,
                           text=True, timeout=args.timeout)
@@ -342,30 +349,20 @@ def run_driver(args: argparse.Namespace) -> int:
     failed: list[str] = []
     mpi_libs: set[str] = set()
     by_launcher: dict[int, list[tuple[str, list[dict]]]] = {}
+    worker_args = ["--ops", ",".join(args.ops), "--sizes", ",".join(map(str, args.sizes)),
+                   "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+                   "--budget-mb", str(args.budget_mb), "--min-iters", str(args.min_iters),
+                   "--max-iters", str(args.max_iters)] + (["--layers"] if args.layers else [])
     for nprocs, job_index, via in [(n, j, via) for n in args.ranks for j in range(args.jobs)
                                    for via in args.launchers]:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = Path(tmp) / "records.json"
-            worker_args = ["--worker", "--json", str(result), "--ops", ",".join(args.ops),
-                           "--sizes", ",".join(map(str, args.sizes)),
-                           "--rounds", str(args.rounds), "--warmup", str(args.warmup),
-                           "--budget-mb", str(args.budget_mb), "--min-iters", str(args.min_iters),
-                           "--max-iters", str(args.max_iters)] + (["--layers"] if args.layers else [])
-            load_before = os.getloadavg()[0]
-            started = time.perf_counter()
-            what = f"{nprocs} ranks" + (f", {via}" if len(args.launchers) > 1 else "") + \
-                (f", job {job_index + 1}" if args.jobs > 1 else "")
-            try:
-                proc = launch(args, nprocs, worker_args, via)
-            except subprocess.TimeoutExpired:
-                failed.append(f"{what}: timed out after {args.timeout:.0f} s")
-                continue
-            sys.stdout.write(proc.stdout)
-            if proc.returncode != 0 or not result.exists():
-                failed.append(f"{what}: exit {proc.returncode}")
-                sys.stderr.write(proc.stderr[-4000:])
-                continue
-            job = json.loads(result.read_text())
+        load_before = os.getloadavg()[0]
+        started = time.perf_counter()
+        what = f"{nprocs} ranks" + (f", {via}" if len(args.launchers) > 1 else "") + \
+            (f", job {job_index + 1}" if args.jobs > 1 else "")
+        job = run_worker_job(lambda argv, n=nprocs, via=via: launch(args, n, argv, via),
+                             worker_args, what, failed)
+        if job is None:
+            continue
         records = job["records"]
         for r in records:
             r["launcher"] = via
@@ -375,7 +372,8 @@ def run_driver(args: argparse.Namespace) -> int:
         sections.append(
             f"## {what} ({nprocs / machine['cores']:.1f} ranks per core)\n\n"
             f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
-            f"{time.perf_counter() - started:.0f} s; MPIR_CVAR_CH4_PROGRESS_THROTTLE={job['throttle']}"
+            f"{time.perf_counter() - started:.0f} s; "
+            f"MPIR_CVAR_CH4_PROGRESS_THROTTLE={job['throttle']}"
             f"\n\n{markdown_table(records)}\n")
     env = ", ".join(f"{k}={v}" for k, v in machine["env"].items()) or "none set"
     header = (
@@ -383,7 +381,8 @@ def run_driver(args: argparse.Namespace) -> int:
         f"{_dt.datetime.now().isoformat(timespec='seconds')}, host {machine['host']}: "
         f"{machine['cores']} cores, load average {machine['load_avg'][0]:.2f} / "
         f"{machine['load_avg'][1]:.2f} / {machine['load_avg'][2]:.2f} (1/5/15 min) at start; "
-        f"{', '.join(sorted(mpi_libs)) or 'MPI library unknown'}; Python {machine['python']}; environment: {env}.\n\n"
+        f"{', '.join(sorted(mpi_libs)) or 'MPI library unknown'}; Python {machine['python']}; "
+        f"environment: {env}.\n\n"
         f"float32, shm, blocking calls on the same buffers; {args.rounds} rounds alternating "
         f"raw / commrt{' / the layers' if args.layers else ''}; times are medians over rounds "
         f"of a loop's per-call time (slowest rank); overhead = median of (commrt - raw), "
@@ -398,21 +397,16 @@ def run_driver(args: argparse.Namespace) -> int:
             for n, jobs in by_launcher.items()))
     text = header + "\n" + "\n".join(sections)
     print(text)
-    out = Path(args.out) if args.out else (
-        REPO_ROOT / "perf" / "results" / f"{_dt.date.today().isoformat()}-"
-        f"{socket.gethostname().split('.')[0] or 'host'}" / "backend.md")
+    out = Path(args.out) if args.out else dated_results_dir() / "backend.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(f"[perf.backend] wrote {out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(all_records, indent=1))
+    print(f"[perf.bench.backend] wrote {out}")
+    write_json(args.json, all_records)
     return 1 if failed else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from perf.collectives import parse_size
-
-    p = argparse.ArgumentParser(prog="python -m perf.backend", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m perf.bench.backend", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", default="2,4", help="world sizes, one MPI job each (2,4)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {','.join(OPS)}")
@@ -426,21 +420,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", action="store_true",
                    help="also time mpi4py's non-blocking call + Wait and the commrt transport")
     p.add_argument("--launcher", default=None,
-                   help="launcher argv instead of perf.netem's mpirun, e.g. 'mpirun -bind-to core'"
-                        " (the driver appends -n N python -m perf.backend ...)")
+                   help="launcher argv instead of perf.infra.launch's mpirun, e.g. "
+                        "'mpirun -bind-to core'"
+                        " (the driver appends -n N python -m perf.bench.backend ...)")
     p.add_argument("--launchers", default="mpirun",
-                   help="comma list of mpirun (perf.netem's, or --launcher) and torchrun "
+                   help="comma list of mpirun (perf.infra.launch's, or --launcher) and torchrun "
                         "(commrt forms MPI's world itself); with several, jobs alternate")
     p.add_argument("--jobs", type=int, default=1, help="jobs per world size and launcher")
-    p.add_argument("--timeout", type=float, default=1200.0, help="seconds per MPI job")
-    p.add_argument("--out", default=None, help="markdown output path")
-    p.add_argument("--json", default=None, help="write the records here")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_driver_arguments(p, timeout=1200.0, out=None,
+                         out_help="markdown output path (default results/<date>-<host>/backend.md)")
     args = p.parse_args(argv)
-    args.ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
-    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    args.launchers = [v.strip() for v in args.launchers.split(",") if v.strip()]
+    args.ranks = comma_list(args.ranks, int)
+    args.ops = comma_list(args.ops)
+    args.sizes = parse_sizes(args.sizes)
+    args.launchers = comma_list(args.launchers)
     if not args.launchers or set(args.launchers) - {"mpirun", "torchrun"}:
         p.error(f"--launchers takes mpirun and/or torchrun, got {args.launchers}")
     if args.jobs < 1:
@@ -456,11 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        run_worker(args)
-        return 0
-    return run_driver(args)
+    return dispatch(parse_args(argv), run_worker, run_driver)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Per-rank py-spy profiles of perf-suite jobs: flame graphs and where the time goes.
 
 ``python -m perf run SUITE --profile`` starts every rank of every MPI job under
-``py-spy record`` (through :func:`wrap_command`, which names each rank's file from the
-launcher's ``PMI_RANK``), sampling native frames too (``--native``) so that time inside
-libmpi, libtorch or a Triton kernel is visible, and idle threads (``--idle``) so that a rank
-blocked on the network is counted. After the run, :func:`summarize` writes for each rank a
-flame graph ``rank<R>.svg`` and adds the rank's samples by category to ``summary.json``:
+``py-spy record`` (through :func:`wrap_command`; each rank's file is named by the rank its
+launcher announced, ``commrt.transports.rendezvous.launcher_rank``), sampling native frames
+too (``--native``) so that time inside libmpi, libtorch or a Triton kernel is visible, and
+idle threads (``--idle``) so that a rank blocked on the network is counted. After the run,
+:func:`summarize` writes for each rank a flame graph ``rank<R>.svg`` and adds the rank's
+samples by category to ``summary.json``:
 
 * **compute** — stacks inside libtorch / BLAS / OpenMP outside the kernels below;
 * **packing kernels** — anything under commrt.kernels (top-k, pack/unpack, quantize) or Triton;
@@ -66,7 +67,7 @@ def wrap_command(out_dir: str | Path) -> list[str]:
     if shutil.which("py-spy") is None and not Path(sys.executable).with_name("py-spy").exists():
         raise RuntimeError("--profile needs py-spy (pip install py-spy)")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "-m", "perf.profile", "record", str(out_dir), "--"]
+    return [sys.executable, "-m", "perf.infra.profile", "record", str(out_dir), "--"]
 
 
 def _py_spy() -> str:
@@ -77,20 +78,23 @@ def _py_spy() -> str:
 def record(out_dir: str, command: list[str]) -> int:
     """Run `command`, attach py-spy to it, return the command's exit status.
 
-    The rank's file is named by PMI_RANK. The command starts first and py-spy attaches by
-    pid (``py-spy record -- CMD`` would hide the command's exit status, and both must keep
-    the launcher's PMI file descriptor open: close_fds=False). py-spy gives up attaching
-    after a fraction of a second; on a loaded node the new interpreter can take longer to
-    set up its first thread, so a py-spy that fails while the command still runs is started
-    again (up to ATTACH_TRIES times). If nothing was recorded, py-spy's error is written to
-    stderr.
+    The rank's file is named by the launcher's rank (`launcher_rank`). The command starts
+    first and py-spy attaches by pid (``py-spy record -- CMD`` would hide the command's exit
+    status, and both must keep the launcher's PMI file descriptor open: close_fds=False).
+    py-spy gives up attaching after a fraction of a second; on a loaded node the new
+    interpreter can take longer to set up its first thread, so a py-spy that fails while the
+    command still runs is started again (up to ATTACH_TRIES times). If nothing was recorded,
+    py-spy's error is written to stderr.
     """
-    rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
+    # Imported here: it imports torch, which `summarize` and the report need not pay.
+    from commrt.transports.rendezvous import launcher_rank
+
+    rank = launcher_rank()
     rate = os.environ.get("COMMRT_PROFILE_RATE", "50")
     out = Path(out_dir) / f"rank{rank}.txt"
     child = subprocess.Popen(command, close_fds=False)
-    cmd = [_py_spy(), "record", "--format", "raw", "--rate", rate, "--idle", "--pid", str(child.pid),
-           "-o", str(out)]
+    cmd = [_py_spy(), "record", "--format", "raw", "--rate", rate, "--idle",
+           "--pid", str(child.pid), "-o", str(out)]
     if os.environ.get("COMMRT_PROFILE_NATIVE", "1") != "0":
         cmd.append("--native")
 
@@ -112,7 +116,7 @@ def record(out_dir: str, command: list[str]) -> int:
         spy.kill()
         _, err = spy.communicate()
     if not out.exists():
-        sys.stderr.write(f"perf.profile: py-spy recorded nothing for rank {rank} "
+        sys.stderr.write(f"perf.infra.profile: py-spy recorded nothing for rank {rank} "
                          f"({tries} attach attempts):\n" + err.decode(errors="replace")[-2000:])
     return status
 
@@ -158,8 +162,8 @@ def flame_svg(stacks: list[tuple[list[str], int]], title: str, width: int = 1200
         if depth > 0:
             label = html.escape(name)
             pct = 100.0 * node["n"] / total
-            text = html.escape(name if len(name) * 6.5 < w else name[: max(int(w / 6.5) - 2, 0)] + "..") \
-                if w > 25 else ""
+            fits = name if len(name) * 6.5 < w else name[: max(int(w / 6.5) - 2, 0)] + ".."
+            text = html.escape(fits) if w > 25 else ""
             rects.append((x, depth, w, _COLORS.get(node["cat"], "#dddddd"),
                           f"{label} ({node['n']} samples, {pct:.1f}%)", text))
         cx = x
@@ -216,11 +220,12 @@ def report_section(summary: dict) -> str:
         links = " ".join(f"[{r}](profile/{job}/{r}.svg)" for r in entry["ranks"])
         rows.append(f"| {job} | {n} | {cells} | {entry['startup_samples']} | {links} |")
     return ("py-spy samples of every rank (native frames, idle included), by category "
-            "(perf/profile.py); shares exclude startup imports.\n\n" + "\n".join(rows))
+            "(perf/infra/profile.py); shares exclude startup imports.\n\n" + "\n".join(rows))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m perf.profile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m perf.infra.profile",
+                                     description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record", help="run a command under py-spy (used on every rank)")
     rec.add_argument("out_dir")

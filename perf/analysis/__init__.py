@@ -1,0 +1,1 @@
+"""Analysis of benchmark records: the α–β model (model) and the report (report)."""

@@ -1,0 +1,1 @@
+"""The benchmarks. Each is a command: ``python -m perf.bench.NAME --help``."""
