@@ -4,14 +4,13 @@ single-process float64 reference of the ranks' inputs. Skipped without CUDA; the
 CUDA-aware case is also skipped when the MPI library is not CUDA-aware."""
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
-from _backend_util import assert_close, init_commrt, rank_input
-from mpi_harness import mpi_env, run_ranks
+from backend_util import assert_close, init_commrt, rank_input
+from harness import mpi_env, run_ranks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (CUDA tensors through the backend)")
@@ -95,13 +94,12 @@ def _mpi_is_cuda_aware() -> bool:
 
 @pytest.mark.parametrize("nprocs", [1, 2, 3])
 @pytest.mark.parametrize("path", ["staged", "cuda-aware"])
-def test_backend_cuda_tensors(path: str, nprocs: int) -> None:
+def test_backend_cuda_tensors(path: str, nprocs: int, seed: int) -> None:
     if path == "cuda-aware":
         if not _mpi_is_cuda_aware():
             pytest.skip("this MPI library is not CUDA-aware (MPIX_GPU_query_support says no)")
         env = {"COMMRT_CUDA_AWARE": "1"}
     else:
         env = {"COMMRT_CUDA_AWARE": "0"}
-    out = run_ranks(_cuda_worker, nprocs, timeout=300, env=env,
-                    seed=random.randrange(1 << 20))
+    out = run_ranks(_cuda_worker, nprocs, timeout=300, env=env, seed=seed)
     assert out.count("CUDA ops OK") == nprocs, out[-4000:]

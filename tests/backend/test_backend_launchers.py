@@ -4,12 +4,11 @@ commrt's PMI server (commrt.transports.pmi); its failure cases; the server's pro
 
 Every job runs in a fresh subprocess with a timeout (a hang fails the test), in an
 environment stripped of mpirun's variables. DDP results are checked in the ranks against
-one process training on the whole batch (tests/support/_launcher_worker.py)."""
+one process training on the whole batch (tests/support/worker_launcher.py)."""
 from __future__ import annotations
 
 import json
 import os
-import random
 import select
 import signal
 import socket
@@ -21,24 +20,18 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from mpi_harness import REPO_ROOT, mpi_env
+from harness import REPO_ROOT, launcher_free_env, mpi_env
 
 from commrt.transports import pmi
 from commrt.transports.rendezvous import PMI_STORE_KEY, network_identity, pmi_bootstrap
 
-WORKER = str(Path(__file__).parents[1] / "support" / "_launcher_worker.py")
-LAUNCHER_PREFIXES = ("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_")
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in mpi_env().items() if not k.startswith(LAUNCHER_PREFIXES)}
-    env.update(extra or {})
-    return env
+WORKER = str(Path(__file__).parents[1] / "support" / "worker_launcher.py")
 
 
 def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env or _env(), cwd=str(REPO_ROOT), start_new_session=True)
+                            env=env or launcher_free_env(), cwd=str(REPO_ROOT),
+                            start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240.0) -> tuple[int, str]:
@@ -47,7 +40,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 240.0) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"the job hung (killed after {timeout} s):\n{out[-6000:]}")
+        raise AssertionError(
+            f"the job hung (killed after {timeout} s):\n{out[-6000:]}") from None
     return proc.returncode, out
 
 
@@ -76,32 +70,31 @@ def _spawn_args(mode: str, method: str, size: int, url: str, *extra: str) -> lis
 
 
 @pytest.mark.parametrize("nprocs", [2, 3])
-def test_launch_torchrun_ddp(nprocs: int) -> None:
+def test_launch_torchrun_ddp(nprocs: int, seed: int) -> None:
     out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={nprocs}", WORKER, "ddp", str(random.randrange(1 << 20))])
+                f"--nproc-per-node={nprocs}", WORKER, "ddp", str(seed)])
     _ranks_ok(out, nprocs)
 
 
-def test_launch_torchrun_two_emulated_nodes() -> None:
-    # Two hosts of two ranks, as network namespaces joined by a bridge (perf.netem): one
+def test_launch_torchrun_two_emulated_nodes(seed: int) -> None:
+    # Two hosts of two ranks, as network namespaces joined by a bridge (perf.infra.netem): one
     # torchrun per node, static rendezvous at node 0's address. Ranks of node 1 reach the
     # PMI server at node 0's address, MPICH's node map comes from LOCAL_WORLD_SIZE, and
     # the nodes talk TCP across the bridge.
-    from perf.netem import emulated_link, link_unavailable_reason
+    from perf.infra.netem import emulated_link, link_unavailable_reason
 
     reason = link_unavailable_reason()
     if reason is not None:
         pytest.skip(f"no network namespaces here: {reason}")
-    seed = str(random.randrange(1 << 20))
     shm_before, _ = _leftovers()
     with emulated_link("10gbit", nprocs=4, ranks_per_node=2) as setup:
         master = setup.nodes[0][0]
         port = str(_free_port())
-        env = _env(setup.env)
+        env = launcher_free_env(setup.env)
         jobs = [_start(["ip", "netns", "exec", ns, sys.executable, "-m",
                         "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
                         "--nproc-per-node=2", f"--master-addr={master}", f"--master-port={port}",
-                        WORKER, "ddp", seed], env)
+                        WORKER, "ddp", str(seed)], env)
                 for node, (_, ns) in enumerate(setup.nodes)]
         outs = []
         for job in jobs:
@@ -115,27 +108,29 @@ def test_launch_torchrun_two_emulated_nodes() -> None:
 
 @pytest.mark.parametrize("method,nprocs,scheme", [("spawn", 2, "file"), ("spawn", 4, "tcp"),
                                                   ("fork", 2, "tcp"), ("fork", 4, "file")])
-def test_launch_multiprocessing_ddp(tmp_path, method: str, nprocs: int, scheme: str) -> None:
+def test_launch_multiprocessing_ddp(tmp_path, method: str, nprocs: int, scheme: str,
+                                    seed: int) -> None:
     url = f"file://{tmp_path / 'rdzv'}" if scheme == "file" else f"tcp://127.0.0.1:{_free_port()}"
-    out = _run(_spawn_args("spawn-ddp", method, nprocs, url, str(random.randrange(1 << 20))))
+    out = _run(_spawn_args("spawn-ddp", method, nprocs, url, str(seed)))
     _ranks_ok(out, nprocs)
 
 
-def test_launch_two_jobs_at_once(tmp_path) -> None:
+def test_launch_two_jobs_at_once(tmp_path, seed: int) -> None:
     jobs = [_start(_spawn_args("spawn-ddp", "spawn", 2, f"file://{tmp_path / f'rdzv{i}'}",
-                               str(random.randrange(1 << 20)))) for i in range(2)]
+                               str(seed + i))) for i in range(2)]
     for job in jobs:
         code, out = _finish(job)
         assert code == 0, out[-6000:]
         _ranks_ok(out, 2)
 
 
-def test_launch_ignores_inherited_pmi_and_pmix_variables(tmp_path) -> None:
+def test_launch_ignores_inherited_pmi_and_pmix_variables(tmp_path, seed: int) -> None:
     # A PMI_FD left by some other process manager, and a PMIx job's variables (as inside
     # a Slurm allocation): commrt's server must still be the one MPICH talks to.
-    env = _env({"PMI_FD": "99", "PMIX_NAMESPACE": "slurm.pmix.1.0", "PMIX_SERVER_URI41": "x"})
+    env = launcher_free_env({"PMI_FD": "99", "PMIX_NAMESPACE": "slurm.pmix.1.0",
+                             "PMIX_SERVER_URI41": "x"})
     out = _run(_spawn_args("spawn-ddp", "spawn", 2, f"file://{tmp_path / 'rdzv'}",
-                           str(random.randrange(1 << 20))), env=env)
+                           str(seed)), env=env)
     _ranks_ok(out, 2)
 
 

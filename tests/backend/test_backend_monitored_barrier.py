@@ -4,14 +4,13 @@ at once), and the group stays usable afterwards: the late ack cannot match a lat
 user send/recv or collective."""
 from __future__ import annotations
 
-import random
 import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-from mpi_harness import run_ranks
+from harness import generator, run_ranks
 
 
 def _expect_error(fn, pattern: str) -> None:
@@ -75,10 +74,9 @@ def _worker(seed: int) -> None:
     dist.barrier()
 
     # The group is still usable: fresh random data through a collective and p2p.
-    g = torch.Generator().manual_seed(seed + rank)
-    x = torch.randn(17, generator=g, dtype=torch.float64)
-    ref = sum(torch.randn(17, generator=torch.Generator().manual_seed(seed + r),
-                          dtype=torch.float64) for r in range(size))
+    x = torch.randn(17, generator=generator(seed, rank), dtype=torch.float64)
+    ref = sum(torch.randn(17, generator=generator(seed, r), dtype=torch.float64)
+              for r in range(size))
     y = x.clone()
     dist.all_reduce(y)
     if not torch.allclose(y, ref):
@@ -89,8 +87,7 @@ def _worker(seed: int) -> None:
         elif rank == 1:
             z = torch.empty_like(x)
             dist.recv(z, 0, tag=1)
-            ref0 = torch.randn(17, generator=torch.Generator().manual_seed(seed),
-                               dtype=torch.float64)
+            ref0 = torch.randn(17, generator=generator(seed, 0), dtype=torch.float64)
             if not torch.equal(z, ref0):
                 raise AssertionError(f"seed {seed}: recv after monitored_barrier failures")
     pg.monitored_barrier(timedelta(seconds=20))  # a later barrier passes, stale acks ignored
@@ -98,7 +95,6 @@ def _worker(seed: int) -> None:
 
 
 @pytest.mark.parametrize("nprocs", [1, 2, 3])
-def test_monitored_barrier(nprocs: int) -> None:
-    seed = random.randrange(2**31)
+def test_monitored_barrier(nprocs: int, seed: int) -> None:
     out = run_ranks(_worker, nprocs, timeout=120, seed=seed)
     assert "Traceback" not in out, f"seed {seed}:\n{out}"

@@ -21,14 +21,13 @@ still running.
 from __future__ import annotations
 
 import os
-import random
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from _backend_util import init_commrt, rank_input
-from mpi_harness import run_ranks
+from backend_util import init_commrt, rank_input
+from harness import run_ranks
 
 DEADLINE_S = 90.0          # generous: a loaded 2-core machine may be slow, never this slow
 NUMEL = 1 << 20            # 4 MiB of float32: far beyond any eager threshold
@@ -86,7 +85,7 @@ def _overlap_worker(seed: int, folder: str, cases: list[str]) -> None:
             work, out, expected = _post(case, seed, rank, P, async_op=True)
             if case == "all_reduce+future":
                 fut = work.get_future()  # what DDP's reducer does with a bucket's Work
-            took = _compute_until(lambda: all(os.path.exists(m) for m in marks),
+            took = _compute_until(lambda marks=marks: all(os.path.exists(m) for m in marks),
                                   f"seed {seed}: {case} on {P} ranks")
             work.wait()
             if case == "all_reduce+future":
@@ -95,13 +94,13 @@ def _overlap_worker(seed: int, folder: str, cases: list[str]) -> None:
         else:
             _, out, expected = _post(case, seed, rank, P, async_op=False)
             open(marks[rank - 1], "w").close()
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4,
-                                   msg=lambda m: f"seed {seed}, {case}, rank {rank}: {m}")
+        torch.testing.assert_close(
+            out.double(), expected, rtol=1e-5, atol=1e-4,
+            msg=lambda m, case=case: f"seed {seed}, {case}, rank {rank}: {m}")
 
 
 @pytest.mark.parametrize("nprocs", [2, 3])
-def test_async_collectives_progress_while_caller_computes(nprocs, tmp_path):
-    seed = random.randrange(1 << 30)
+def test_async_collectives_progress_while_caller_computes(nprocs, tmp_path, seed):
     cases = ["all_reduce", "all_reduce+future", "all_gather_into_tensor",
              "reduce_scatter_tensor", "broadcast"]
     out = run_ranks(_overlap_worker, nprocs, timeout=300.0, seed=seed, folder=str(tmp_path),
@@ -178,7 +177,6 @@ def _ddp_worker(seed: int) -> None:
                                msg=lambda m: f"seed {seed}, rank {rank}: {m}")
 
 
-def test_ddp_bucket_allreduce_completes_during_backward():
-    seed = random.randrange(1 << 30)
+def test_ddp_bucket_allreduce_completes_during_backward(seed):
     out = run_ranks(_ddp_worker, 2, timeout=300.0, seed=seed)
     assert out.count("bucket allreduce completed during backward") == 2, (seed, out[-3000:])

@@ -11,8 +11,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from _backend_util import init_commrt
-from mpi_harness import run_ranks, run_ranks_status
+from backend_util import init_commrt
+from harness import run_ranks, run_ranks_status
 
 TIMEOUT_S = 4.0
 GRACE_S = 3.0

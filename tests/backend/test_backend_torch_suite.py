@@ -2,8 +2,8 @@
 the installed torch, on ``mpirun -n 3``, against ``tests/support/torch_suite_expected_commrt.txt``.
 
 How a test runs on each rank, which of torch's gates are opened for commrt and how the
-ranks agree on an outcome: `_torch_suite_worker`; hangs, crashes and the expected list:
-`_torch_suite`. ``COMMRT_TORCH_SUITE_BACKEND=gloo`` (or ``commrt,gloo``) runs the same
+ranks agree on an outcome: `worker_torch_suite`; hangs, crashes and the expected list:
+`torch_suite`. ``COMMRT_TORCH_SUITE_BACKEND=gloo`` (or ``commrt,gloo``) runs the same
 harness on gloo against ``tests/support/torch_suite_expected_gloo.txt``, to compare pass counts.
 The cheap tests below check the harness's own verdicts without launching anything.
 """
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _torch_suite import (
+from torch_suite import (
     Expected,
     Outcome,
     SuiteRun,
@@ -24,7 +24,7 @@ from _torch_suite import (
     report,
     run_suite,
 )
-from _torch_suite_worker import GateName
+from worker_torch_suite import GateName
 
 SUITE_BACKENDS = [b.strip() for b in
                   os.environ.get("COMMRT_TORCH_SUITE_BACKEND", "commrt").split(",") if b.strip()]
@@ -49,7 +49,7 @@ def test_torch_distributed_suite(backend: str, tmp_path: Path,
 
 # A handful of the suite's tests the way torch runs them itself: TestDistBackend spawns the
 # three ranks per test and they call init_process_group with no MPI launcher
-# (_torch_suite_spawn.py; the whole suite that way takes about half an hour here).
+# (support/torch_suite_spawn.py; the whole suite that way takes about half an hour here).
 SPAWNED = ["test_all_reduce_sum_async", "test_broadcast_group", "test_all_gather_coalesced",
            "test_DistributedDataParallel_requires_grad", "test_send_recv_any_source"]
 
@@ -59,14 +59,12 @@ def test_torch_suite_spawned_ranks_as_under_mpirun(capsys: pytest.CaptureFixture
     import subprocess
     import sys
 
-    from mpi_harness import REPO_ROOT, mpi_env
+    from harness import REPO_ROOT, launcher_free_env
 
-    env = {k: v for k, v in mpi_env().items()
-           if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_"))}
     select = [arg for name in SPAWNED for arg in ("-k", name)]
-    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "support" / "_torch_suite_spawn.py"),
-                           *select], env=env, cwd=str(REPO_ROOT), capture_output=True,
-                          text=True, timeout=840)
+    script = Path(__file__).parents[1] / "support" / "torch_suite_spawn.py"
+    proc = subprocess.run([sys.executable, str(script), *select], env=launcher_free_env(),
+                          cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=840)
     summary = [line for line in proc.stdout.splitlines() if line.startswith("torch suite on")]
     with capsys.disabled():
         print("\n" + "\n".join(summary), flush=True)

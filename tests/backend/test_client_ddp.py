@@ -3,13 +3,10 @@ float tolerance, those of one process training on the concatenated batch (severa
 gradient buckets, so several bucket allreduces and their futures are in flight)."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch.distributed as dist
-from _backend_util import init_commrt
-from _client_util import train_ddp_and_check
-from mpi_harness import run_ranks
+from backend_util import init_commrt, train_ddp_and_check
+from harness import run_ranks
 
 STEPS, PER_RANK, LR = 4, 3, 0.05
 
@@ -21,5 +18,5 @@ def _ddp_worker(seed: int) -> None:
 
 
 @pytest.mark.parametrize("nprocs", [2, 3, 4, 5])
-def test_client_ddp_matches_single_process(nprocs: int) -> None:
-    run_ranks(_ddp_worker, nprocs, timeout=240, seed=random.randrange(1 << 20))
+def test_client_ddp_matches_single_process(nprocs: int, seed: int) -> None:
+    run_ranks(_ddp_worker, nprocs, timeout=240, seed=seed)

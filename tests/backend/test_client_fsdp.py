@@ -3,14 +3,11 @@ parameters, all-gathered for forward/backward and gradients reduce-scattered, mu
 training equal one process training on the concatenated batch."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.distributed as dist
-from _backend_util import init_commrt
-from _client_util import global_batch, make_model, reference_params
-from mpi_harness import run_ranks
+from backend_util import global_batch, init_commrt, make_model, reference_params
+from harness import run_ranks
 
 STEPS, PER_RANK, LR = 3, 3, 0.05
 
@@ -38,10 +35,10 @@ def _fsdp_worker(seed: int) -> None:
     for i, (p, q) in enumerate(zip(model.parameters(), expected)):
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         torch.testing.assert_close(full.detach(), q, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"parameter {i} on rank {rank}: {m}")
+                                   msg=lambda m, i=i: f"parameter {i} on rank {rank}: {m}")
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("nprocs", [2, 3, 4, 5])
-def test_client_fsdp2_matches_single_process(nprocs: int) -> None:
-    run_ranks(_fsdp_worker, nprocs, timeout=240, seed=random.randrange(1 << 20))
+def test_client_fsdp2_matches_single_process(nprocs: int, seed: int) -> None:
+    run_ranks(_fsdp_worker, nprocs, timeout=240, seed=seed)

@@ -7,14 +7,11 @@ feedback) yet the low-rank approximation is exact: parameters must then equal th
 one process training on the concatenated batch, to float tolerance."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.distributed as dist
-from _backend_util import init_commrt
-from _client_util import HIDDEN, global_batch, make_model, reference_params
-from mpi_harness import run_ranks
+from backend_util import HIDDEN, global_batch, init_commrt, make_model, reference_params
+from harness import run_ranks
 
 STEPS, PER_RANK, LR = 5, 3, 0.05
 
@@ -42,12 +39,12 @@ def _powersgd_worker(seed: int, bucket_cap_mb: float) -> None:
     expected = reference_params(seed, STEPS, P, PER_RANK, LR)
     for i, (p, q) in enumerate(zip(ddp.module.parameters(), expected)):
         torch.testing.assert_close(p.detach(), q, rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"parameter {i} on rank {rank}: {m}")
+                                   msg=lambda m, i=i: f"parameter {i} on rank {rank}: {m}")
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("nprocs", [2, 3, 4, 5])
-def test_client_powersgd_hook(nprocs: int) -> None:
+def test_client_powersgd_hook(nprocs: int, seed: int) -> None:
     # several buckets at odd world sizes: hook chains of different buckets interleave
-    run_ranks(_powersgd_worker, nprocs, timeout=240, seed=random.randrange(1 << 20),
+    run_ranks(_powersgd_worker, nprocs, timeout=240, seed=seed,
               bucket_cap_mb=0.0005 if nprocs % 2 else 25.0)

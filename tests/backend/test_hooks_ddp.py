@@ -14,12 +14,18 @@ undistributed copy of the same model on this rank's batch.
 
 Launches: the `commrt` default group (hooks on it and on a gloo group made with
 new_group) at 3 ranks; gloo as the default group, its TCPStore port agreed over mpi4py,
-at 2 ranks.
+at 2 ranks. Each (group, hook configuration) is a check: every rank prints ``CHECK
+<group>/<case> rank <r> OK|FAIL`` and one pytest test per check reads it. Batches are
+fresh per launch (its seed is printed on failure).
 """
 import copy
 
+import pytest
 import torch
-from mpi_harness import run_ranks
+from harness import assert_check, checks_fixture, gather_rows, generator, run_checks
+
+CASES = ["spardl_exact", "spardl", "spardl_teams", "topka", "gtopk", "spardl_reuse",
+         "topka_reuse", "dense", "quant8", "quant1"]
 
 
 def _model():
@@ -28,14 +34,7 @@ def _model():
                                torch.nn.Linear(16, 5)).double()
 
 
-def _gather(comm, t):
-    t = t.reshape(-1).to(torch.float64)
-    out = torch.empty(comm.size * t.numel(), dtype=torch.float64)
-    comm.iallgather(t, out, kind="test").wait()
-    return out.view(comm.size, -1)
-
-
-def _train_and_check(comm, pg, name, state, hook, exact):
+def _train_and_check(comm, seed, pg, name, state, hook, exact):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     P = comm.size
@@ -51,7 +50,7 @@ def _train_and_check(comm, pg, name, state, hook, exact):
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     params = list(model.parameters())
     res_before = {id(p): torch.zeros_like(p).reshape(-1) for p in params}
-    g = torch.Generator().manual_seed(123 + comm.rank)
+    g = generator(seed, "batches", name, comm.rank)
     for step in range(4):
         x = torch.randn(8, 12, generator=g, dtype=torch.float64)
         y = torch.randn(8, 5, generator=g, dtype=torch.float64)
@@ -70,12 +69,12 @@ def _train_and_check(comm, pg, name, state, hook, exact):
                 offset += p.numel()
         for p in params:
             applied = p.grad.reshape(-1)
-            locals_ = _gather(comm, local[id(p)])
+            locals_ = gather_rows(comm, local[id(p)])
             if exact:
                 err = (applied - locals_.mean(0)).abs().max().item()
                 assert err < 1e-12, f"{name} step {step}: gradient off the exact mean by {err}"
-            gap = (_gather(comm, res_after[id(p)]).sum(0) + P * applied
-                   - locals_.sum(0) - _gather(comm, res_before[id(p)]).sum(0))
+            gap = (gather_rows(comm, res_after[id(p)]).sum(0) + P * applied
+                   - locals_.sum(0) - gather_rows(comm, res_before[id(p)]).sum(0))
             assert gap.abs().max().item() < 1e-11, \
                 f"{name} step {step}: conservation off by {gap.abs().max().item()}"
         res_before = res_after
@@ -91,7 +90,7 @@ def _train_and_check(comm, pg, name, state, hook, exact):
         fresh.load_state_dict(saved, params)
         assert fresh.reducer.state_dict() == saved["reducer"]
     flat = torch.cat([p.detach().reshape(-1) for p in params])
-    everyone = _gather(comm, flat)
+    everyone = gather_rows(comm, flat)
     assert torch.equal(everyone.min(0).values, everyone.max(0).values), \
         f"{name}: parameters differ across ranks"
 
@@ -105,31 +104,49 @@ def _cases(pg, P):
     )
 
     teams = P if P > 1 else 1
-    return [
-        ("spardl exact", SparseAllreduceState(1.0, "spardl", process_group=pg),
-         sparse_allreduce_hook, True),
-        ("spardl", SparseAllreduceState(0.1, "spardl", process_group=pg),
-         sparse_allreduce_hook, False),
-        (f"spardl teams={teams}", SparseAllreduceState(0.1, "spardl", teams, pg),
-         sparse_allreduce_hook, False),
-        ("topka", SparseAllreduceState(0.1, "topka", process_group=pg),
-         sparse_allreduce_hook, False),
-        ("gtopk", SparseAllreduceState(0.1, "gtopk", process_group=pg),
-         sparse_allreduce_hook, False),
-        ("spardl reuse", SparseAllreduceState(0.1, "spardl", teams, pg, reuse_steps=3),
-         sparse_allreduce_hook, False),
-        ("topka reuse", SparseAllreduceState(0.1, "topka", process_group=pg, reuse_steps=3),
-         sparse_allreduce_hook, False),
-        ("dense", SparseAllreduceState(0.1, "dense", process_group=pg),
-         sparse_allreduce_hook, True),
-        ("quant8", QuantizedAllreduceState(8, process_group=pg),
-         quantized_allreduce_hook, False),
-        ("quant1", QuantizedAllreduceState(1, pg, block_size=64),
-         quantized_allreduce_hook, False),
-    ]
+    # name: (state, hook, whether the applied gradient is the exact mean); in CASES' order
+    return {
+        "spardl_exact": (SparseAllreduceState(1.0, "spardl", process_group=pg),
+                         sparse_allreduce_hook, True),
+        "spardl": (SparseAllreduceState(0.1, "spardl", process_group=pg),
+                   sparse_allreduce_hook, False),
+        "spardl_teams": (SparseAllreduceState(0.1, "spardl", teams, pg),
+                         sparse_allreduce_hook, False),
+        "topka": (SparseAllreduceState(0.1, "topka", process_group=pg),
+                  sparse_allreduce_hook, False),
+        "gtopk": (SparseAllreduceState(0.1, "gtopk", process_group=pg),
+                  sparse_allreduce_hook, False),
+        "spardl_reuse": (SparseAllreduceState(0.1, "spardl", teams, pg, reuse_steps=3),
+                         sparse_allreduce_hook, False),
+        "topka_reuse": (SparseAllreduceState(0.1, "topka", process_group=pg, reuse_steps=3),
+                        sparse_allreduce_hook, False),
+        "dense": (SparseAllreduceState(0.1, "dense", process_group=pg),
+                  sparse_allreduce_hook, True),
+        "quant8": (QuantizedAllreduceState(8, process_group=pg),
+                   quantized_allreduce_hook, False),
+        "quant1": (QuantizedAllreduceState(1, pg, block_size=64),
+                   quantized_allreduce_hook, False),
+    }
 
 
-def _hook_worker(default_backend: str) -> None:
+def _group_checks(comm, seed, gname, pg) -> dict:
+    """The checks of one process group: its transport, then one per hook configuration."""
+    from commrt import transports as T
+
+    def transport() -> None:
+        found = T.for_group(pg)
+        assert (getattr(found, "mpi", None) is not None) == (gname == "commrt"), found
+
+    def train(name, state, hook, exact):
+        return lambda: _train_and_check(comm, seed, pg, f"{gname}/{name}", state, hook, exact)
+
+    cases = _cases(pg, comm.size)
+    assert list(cases) == CASES
+    return {f"{gname}/transport": transport,
+            **{f"{gname}/{name}": train(name, *case) for name, case in cases.items()}}
+
+
+def _hook_worker(seed: int, default_backend: str) -> None:
     import torch.distributed as dist
 
     import commrt.backend  # noqa: F401  (registers the commrt backend)
@@ -150,24 +167,36 @@ def _hook_worker(default_backend: str) -> None:
         dist.init_process_group("gloo", store=store, rank=comm.rank, world_size=comm.size)
         groups = {"gloo": None}
     try:
+        checks = {}
         for gname, pg in groups.items():
-            transport = T.for_group(pg)
-            expect_mpi = gname == "commrt"
-            assert (getattr(transport, "mpi", None) is not None) == expect_mpi, transport
-            for name, state, hook, exact in _cases(pg, comm.size):
-                _train_and_check(comm, pg, f"{gname}/{name}", state, hook, exact)
-            print(f"rank {comm.rank}: hooks on {gname} OK", flush=True)
+            checks.update(_group_checks(comm, seed, gname, pg))
+        run_checks(checks, rank=comm.rank)
     finally:
         dist.destroy_process_group()
 
 
-def test_hook_ddp_commrt_and_gloo_subgroup():
-    out = run_ranks(_hook_worker, 3, timeout=300, env={"GLOO_SOCKET_IFNAME": "lo"},
-                    default_backend="commrt")
-    assert out.count("hooks on gloo OK") == 3 and out.count("hooks on commrt OK") == 3
+def _commrt_default_worker(seed: int) -> None:
+    _hook_worker(seed, "commrt")
 
 
-def test_hook_ddp_gloo_default_group():
-    out = run_ranks(_hook_worker, 2, timeout=300, env={"GLOO_SOCKET_IFNAME": "lo"},
-                    default_backend="gloo")
-    assert out.count("hooks on gloo OK") == 2
+def _gloo_default_worker(seed: int) -> None:
+    _hook_worker(seed, "gloo")
+
+
+GROUP_CHECKS = ["transport", *CASES]
+commrt_launch = checks_fixture(_commrt_default_worker, [3], timeout=300,
+                               variants={"commrt": {"GLOO_SOCKET_IFNAME": "lo"}})
+gloo_launch = checks_fixture(_gloo_default_worker, [2], timeout=300,
+                             variants={"gloo": {"GLOO_SOCKET_IFNAME": "lo"}})
+
+
+@pytest.mark.parametrize("group", ["commrt", "gloo"])
+@pytest.mark.parametrize("check", GROUP_CHECKS)
+def test_hook_ddp_commrt_default_group(commrt_launch, group, check):
+    """The commrt default group, and a gloo group made with new_group beside it."""
+    assert_check(commrt_launch, f"{group}/{check}")
+
+
+@pytest.mark.parametrize("check", GROUP_CHECKS)
+def test_hook_ddp_gloo_default_group(gloo_launch, check):
+    assert_check(gloo_launch, f"gloo/{check}")

@@ -11,20 +11,13 @@ One launch per world size; each rank prints ``CHECK <name> rank <r> OK|FAIL``:
                 all-gather (one message each).
 """
 import torch
-from mpi_harness import assert_check, checks_fixture, run_checks
+from harness import assert_check, checks_fixture, gather_rows, generator, run_checks
 
 WORLD_SIZES = [2, 3, 5]
 CHECKS = ["conservation", "convergence", "wire_bytes"]
 
 
-def _gather(comm, t):
-    t = t.reshape(-1).to(torch.float64)
-    out = torch.empty(comm.size * t.numel(), dtype=torch.float64)
-    comm.iallgather(t, out, kind="test").wait()
-    return out.view(comm.size, -1)
-
-
-def _check_conservation(comm):
+def _check_conservation(comm, seed):
     from commrt.collectives import QuantizedAllreduce, quantized_allreduce
 
     P = comm.size
@@ -32,16 +25,15 @@ def _check_conservation(comm):
     for bits, block_size in ((8, 64), (4, 64), (1, 64), (1, 24), (4, 24)):
         reducer = QuantizedAllreduce(bits, block_size=block_size)
         for step, n in enumerate((1, 63, 300, 1000)):
-            g = torch.Generator().manual_seed(1000 * block_size + 100 * bits + 10 * step
-                                              + comm.rank)
+            g = generator(seed, "conservation", block_size, bits, step, comm.rank)
             tensor = torch.randn(n, generator=g, dtype=torch.float64)
             residual = 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
-            total_in = _gather(comm, tensor + residual).sum(0)
+            total_in = gather_rows(comm, tensor + residual).sum(0)
             reducer(tensor, residual)
-            results = _gather(comm, tensor)
+            results = gather_rows(comm, tensor)
             assert torch.equal(results.min(0).values, results.max(0).values), \
                 f"{bits} bit: ranks hold different results"
-            gap = (_gather(comm, residual).sum(0) + P * tensor - total_in).abs().max().item()
+            gap = (gather_rows(comm, residual).sum(0) + P * tensor - total_in).abs().max().item()
             assert gap < 1e-11, f"{bits} bit n={n}: conservation off by {gap}"
             if bits == 8 and n >= 300:
                 mean = total_in / P
@@ -51,10 +43,10 @@ def _check_conservation(comm):
     # tensor (same values) takes the separate add, bit for bit the same
     for bits in (8, 4, 1):
         n = P * 512
-        g = torch.Generator().manual_seed(7000 + 10 * bits + comm.rank)
+        g = generator(seed, "float32", bits, comm.rank)
         tensor = torch.randn(n, generator=g)
         residual = 0.1 * torch.randn(n, generator=g)
-        total_in = _gather(comm, tensor.double() + residual.double()).sum(0)
+        total_in = gather_rows(comm, tensor.double() + residual.double()).sum(0)
         strided = torch.empty(n, 2)[:, 0]
         strided.copy_(tensor)
         r_strided = residual.clone()
@@ -62,23 +54,23 @@ def _check_conservation(comm):
         QuantizedAllreduce(bits)(strided, r_strided)
         assert torch.equal(tensor, strided) and torch.equal(residual, r_strided), \
             f"{bits} bit float32: the fused add changed the result"
-        gap = (_gather(comm, residual).sum(0) + P * tensor.double() - total_in).abs().max()
+        gap = (gather_rows(comm, residual).sum(0) + P * tensor.double() - total_in).abs().max()
         assert gap.item() < 1e-4, f"{bits} bit float32: conservation off by {gap.item()}"
     # float32 and shaped tensors through the functional API
-    tensor = torch.randn(4, 33)
+    tensor = torch.randn(4, 33, generator=generator(seed, "shaped", comm.rank))
     residual = torch.zeros(4, 33)
-    expected = _gather(comm, tensor).mean(0).view(4, 33)
+    expected = gather_rows(comm, tensor).mean(0).view(4, 33)
     quantized_allreduce(tensor, residual, 8)
     assert ((tensor.double() - expected).norm() / expected.norm()).item() < 0.03
 
 
-def _check_convergence(comm):
+def _check_convergence(comm, seed):
     from commrt.collectives import QuantizedAllreduce
 
     n = 200
-    g = torch.Generator().manual_seed(7 + comm.rank)
+    g = generator(seed, "convergence", comm.rank)
     grad = torch.randn(n, generator=g, dtype=torch.float64)
-    dense_mean = _gather(comm, grad).mean(0)
+    dense_mean = gather_rows(comm, grad).mean(0)
     for bits in (8, 4, 1):
         reducer = QuantizedAllreduce(bits, block_size=64)
         residual = torch.zeros(n, dtype=torch.float64)
@@ -95,7 +87,7 @@ def _check_convergence(comm):
         assert errors[40] < 0.5 * errors[10], f"{bits} bit: not shrinking {errors}"
 
 
-def _check_wire_bytes(comm):
+def _check_wire_bytes(comm, seed):
     from commrt import transports as T
     from commrt.collectives import QuantizedAllreduce
 
@@ -108,7 +100,7 @@ def _check_wire_bytes(comm):
             before = T.wire.snapshot()
             reducer(tensor, residual)
             delta = T.snapshot_delta(T.wire.snapshot(), before)
-            c = -(-(-(-n // P)) // 256) * 256
+            c = -(-((n + P - 1) // P) // 256) * 256  # per-rank chunk, whole blocks
             piece = c * bits // 8 + 4 * (c // 256)
             expect = {"quant.all_to_all": ((P - 1) * piece, 1),
                       "quant.all_gather": ((P - 1) * piece, 1)}
@@ -119,8 +111,12 @@ def _check_wire_bytes(comm):
                     2 * (P - 1) * (256 + 4)
 
 
-def _quant_worker() -> None:
-    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS})
+def _quant_worker(seed: int) -> None:
+    from commrt import transports as T
+
+    comm = T.world()
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS}, comm, seed,
+               rank=comm.rank)
 
 
 launch = checks_fixture(_quant_worker, WORLD_SIZES, timeout=300)

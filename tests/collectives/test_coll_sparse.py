@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from mpi_harness import assert_check, checks_fixture, run_checks
+from harness import assert_check, checks_fixture, gather_rows, generator, run_checks
 
 WORLD_SIZES = [2, 3, 4, 5, 6, 8]
 CHECKS = ["exact", "conservation", "convergence", "wire_bytes", "bad_input", "empty"]
@@ -28,14 +28,6 @@ CHECKS = ["exact", "conservation", "convergence", "wire_bytes", "bad_input", "em
 
 # --------------------------------------------------------------------------------------
 # worker side
-
-
-def _gather(comm, t):
-    """Every rank's flat tensor, stacked (P, n), float64."""
-    t = t.reshape(-1).to(torch.float64)
-    out = torch.empty(comm.size * t.numel(), dtype=torch.float64)
-    comm.iallgather(t, out, kind="test").wait()
-    return out.view(comm.size, -1)
 
 
 def _configs(P):
@@ -49,45 +41,45 @@ def _configs(P):
     return out
 
 
-def _inputs(comm, n, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(1000 * seed + comm.rank)
+def _inputs(comm, seed, n, case, dtype=torch.float64):
+    g = generator(seed, "inputs", case, comm.rank)
     tensor = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
     residual = (0.3 * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype)
     return tensor, residual
 
 
-def _check_exact(comm):
+def _check_exact(comm, seed):
     from commrt.collectives import sparse_allreduce
 
     P = comm.size
     for i, (alg, teams, sag) in enumerate(_configs(P)):
         for n in (1, 29, 200):
-            tensor, residual = _inputs(comm, n, 10 + i)
-            expected = _gather(comm, tensor + residual).mean(0)
+            tensor, residual = _inputs(comm, seed, n, 10 + i)
+            expected = gather_rows(comm, tensor + residual).mean(0)
             density = 0.05 if alg == "dense" else 1.0
             sparse_allreduce(tensor, residual, density, algorithm=alg, teams=teams, sag=sag)
             err = (tensor - expected).abs().max().item()
             assert err < 1e-12, f"{alg} teams={teams} {sag} n={n}: |result - mean| = {err}"
             assert residual.abs().max().item() < 1e-12, f"{alg}: residual not zero at ρ=1"
     # float32 (the usual gradient dtype) at density 1
-    tensor, residual = _inputs(comm, 100, 3, torch.float32)
-    expected = _gather(comm, tensor.double() + residual.double()).mean(0)
+    tensor, residual = _inputs(comm, seed, 100, 3, torch.float32)
+    expected = gather_rows(comm, tensor.double() + residual.double()).mean(0)
     sparse_allreduce(tensor, residual, 1.0, teams=1)
     assert (tensor.double() - expected).abs().max().item() < 1e-5
 
 
-def _check_conservation(comm):
+def _check_conservation(comm, seed):
     from commrt.collectives import SparseAllreduce, spar_reduce_scatter
 
     P = comm.size
     for i, (alg, teams, sag) in enumerate(_configs(P)):
         reducer = SparseAllreduce(0.1, alg, teams=teams, sag=sag)
         for step, n in enumerate((1, 7, 97, 1000)):
-            tensor, residual = _inputs(comm, n, 100 * i + step)
-            total_in = _gather(comm, tensor + residual).sum(0)
+            tensor, residual = _inputs(comm, seed, n, 100 * i + step)
+            total_in = gather_rows(comm, tensor + residual).sum(0)
             reducer(tensor, residual)
-            results = _gather(comm, tensor)
-            residuals = _gather(comm, residual)
+            results = gather_rows(comm, tensor)
+            residuals = gather_rows(comm, residual)
             assert torch.equal(results.min(0).values, results.max(0).values), \
                 f"{alg} teams={teams}: ranks hold different results"
             gap = (residuals.sum(0) + P * tensor - total_in).abs().max().item()
@@ -97,22 +89,22 @@ def _check_conservation(comm):
                 assert nnz < n, f"{alg}: result not sparse ({nnz} of {n})"
         if alg == "spardl" and teams > 1:
             # the same call site again: h adapted, still conserving
-            tensor, residual = _inputs(comm, 1000, 7)
-            total_in = _gather(comm, tensor + residual).sum(0)
+            tensor, residual = _inputs(comm, seed, 1000, 7)
+            total_in = gather_rows(comm, tensor + residual).sum(0)
             reducer(tensor, residual)
-            gap = (_gather(comm, residual).sum(0) + P * tensor - total_in).abs().max().item()
+            gap = (gather_rows(comm, residual).sum(0) + P * tensor - total_in).abs().max().item()
             assert gap < 1e-11, f"spardl teams={teams} second call: off by {gap}"
     # spar_reduce_scatter on its own: ownership and conservation inside each team
     for teams in (1, P) if P > 1 else (1,):
         m = P // teams
-        x, _ = _inputs(comm, 53, 77)
+        x, _ = _inputs(comm, seed, 53, 77)
         out = spar_reduce_scatter(x, 0.2, teams=teams)
         c = math.ceil(53 / m)
-        xs = _gather(comm, torch.nn.functional.pad(x, (0, m * c - 53)))
-        dropped = _gather(comm, out.dropped)
+        xs = gather_rows(comm, torch.nn.functional.pad(x, (0, m * c - 53)))
+        dropped = gather_rows(comm, out.dropped)
         owned = torch.zeros(P, m * c, dtype=torch.float64)
         owned[comm.rank, out.block_index * c:(out.block_index + 1) * c] = out.block
-        owned = _gather(comm, owned.sum(0))
+        owned = gather_rows(comm, owned.sum(0))
         assert out.block_index == comm.rank % m
         for t in range(teams):
             team = slice(t * m, (t + 1) * m)
@@ -120,14 +112,14 @@ def _check_conservation(comm):
             assert gap.item() < 1e-12, f"spar_reduce_scatter teams={teams}: off by {gap}"
 
 
-def _check_convergence(comm):
+def _check_convergence(comm, seed):
     from commrt.collectives import SparseAllreduce
 
     P = comm.size
     n = 120
-    g = torch.Generator().manual_seed(4242 + comm.rank)
+    g = generator(seed, "convergence", comm.rank)
     grad = torch.randn(n, generator=g, dtype=torch.float64)
-    dense_mean = _gather(comm, grad).mean(0)
+    dense_mean = gather_rows(comm, grad).mean(0)
     teams = 2 if P % 2 == 0 else P
     for alg, t in (("spardl", 1), ("spardl", teams), ("topka", 1), ("gtopk", 1)):
         reducer = SparseAllreduce(0.2, alg, teams=t)
@@ -147,12 +139,12 @@ def _check_convergence(comm):
 
 
 def _pair_bytes(count, n_block):
-    from commrt.collectives import _kernels as KK
+    from commrt.collectives import local_ops as KK
 
     return KK.pair_nbytes(count, torch.float32, n_block)
 
 
-def _check_wire_bytes(comm):
+def _check_wire_bytes(comm, seed):
     from commrt import transports as T
     from commrt.collectives import SparseAllreduce
     from commrt.collectives.schedules import (
@@ -167,7 +159,7 @@ def _check_wire_bytes(comm):
     for alg, teams, sag in _configs(P):
         reducer = SparseAllreduce(density, alg, teams=teams, sag=sag)
         for step in range(2):        # the second call uses the adapted h
-            tensor, residual = _inputs(comm, n, 5 + step, torch.float32)
+            tensor, residual = _inputs(comm, seed, n, 5 + step, torch.float32)
             before = T.wire.snapshot()
             reducer(tensor, residual)
             delta = T.snapshot_delta(T.wire.snapshot(), before)
@@ -223,13 +215,14 @@ def _expect_error(comm, fn, *needles):
     raise AssertionError(f"no ValueError on rank {comm.rank} (expected {needles})")
 
 
-def _check_bad_input(comm):
+def _check_bad_input(comm, seed):
     from commrt.collectives import SparseAllreduce, quantized_allreduce, sparse_allreduce
 
     P, rank = comm.size, comm.rank
-    t, r = _inputs(comm, 50, 1)
+    t, r = _inputs(comm, seed, 50, 1)
     for bad in (0.0, -0.1, 1.5, float("nan")):
-        _expect_error(comm, lambda: sparse_allreduce(t.clone(), r.clone(), bad), "density")
+        _expect_error(comm, lambda bad=bad: sparse_allreduce(t.clone(), r.clone(), bad),
+                      "density")
     with pytest.raises(ValueError, match="density"):
         SparseAllreduce(2.0)
     # a bad density on one rank only
@@ -250,9 +243,9 @@ def _check_bad_input(comm):
                   "algorithm")
     # sizes differing across ranks
     m = 51 if rank == 0 else 50
-    ta, ra = _inputs(comm, m, 2)
+    ta, ra = _inputs(comm, seed, m, 2)
     for alg in ("spardl", "topka", "gtopk", "dense"):
-        _expect_error(comm, lambda: sparse_allreduce(ta, ra, 0.1, algorithm=alg),
+        _expect_error(comm, lambda alg=alg: sparse_allreduce(ta, ra, 0.1, algorithm=alg),
                       "differ", "another rank")
     # dtype differing across ranks
     dt = torch.float32 if rank == 0 else torch.float64
@@ -266,13 +259,13 @@ def _check_bad_input(comm):
     _expect_error(comm, lambda: quantized_allreduce(t.clone(), res, 8), "residual",
                   "another rank")
     # nothing is left half-done: a valid call still gives the right answer
-    expected = _gather(comm, t + r).mean(0)
+    expected = gather_rows(comm, t + r).mean(0)
     tensor, residual = t.clone(), r.clone()
     sparse_allreduce(tensor, residual, 1.0)
     assert (tensor - expected).abs().max().item() < 1e-12
 
 
-def _check_empty(comm):
+def _check_empty(comm, seed):
     from commrt import transports as T
     from commrt.collectives import quantized_allreduce, sparse_allreduce
 
@@ -290,8 +283,12 @@ def _check_empty(comm):
     assert T.snapshot_delta(T.wire.snapshot(), before) == {}
 
 
-def _sparse_worker() -> None:
-    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS})
+def _sparse_worker(seed: int) -> None:
+    from commrt import transports as T
+
+    comm = T.world()
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS}, comm, seed,
+               rank=comm.rank)
 
 
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import math
 
 import pytest
 import torch
-from mpi_harness import assert_check, checks_fixture, run_checks
+from harness import assert_check, checks_fixture, gather_rows, generator, run_checks
 
 WORLD_SIZES = [1, 2, 3, 4, 5]
 CHECKS = ["equal", "conservation", "bounds", "triggers"]
@@ -29,13 +29,6 @@ CHECKS = ["equal", "conservation", "bounds", "triggers"]
 
 # --------------------------------------------------------------------------------------
 # worker side
-
-
-def _gather(comm, t):
-    t = t.reshape(-1).to(torch.float64)
-    out = torch.empty(comm.size * t.numel(), dtype=torch.float64)
-    comm.iallgather(t, out, kind="test").wait()
-    return out.view(comm.size, -1)
 
 
 def _configs(P):
@@ -48,11 +41,11 @@ def _configs(P):
     return out
 
 
-def _steps(comm, n, seed, count=8):
+def _steps(comm, seed, n, case, count=8):
     """(gradient, reset residual?) per step: a steady gradient with a little noise, the
     residual mostly restarted (a steady |X|: thresholds get reused) and sometimes kept
     (X jumps: re-estimates)."""
-    g = torch.Generator().manual_seed(seed * 1000 + comm.rank)
+    g = generator(seed, "steps", case, comm.rank)
     base = torch.randn(n, generator=g, dtype=torch.float64)
     return [(base + 0.02 * torch.randn(n, generator=g, dtype=torch.float64), step % 4 != 3)
             for step in range(count)]
@@ -62,7 +55,7 @@ def _reused_sites(reducer):
     return sum(site["reused"] for site in reducer.last["selection"].values())
 
 
-def _check_equal(comm):
+def _check_equal(comm, seed):
     from commrt.collectives import SparseAllreduce
 
     P = comm.size
@@ -73,7 +66,7 @@ def _check_equal(comm):
             off = SparseAllreduce(0.05, alg, teams=teams, sag=sag)
             r_on = torch.zeros(n, dtype=torch.float64)
             r_off = torch.zeros(n, dtype=torch.float64)
-            for step, (grad, reset) in enumerate(_steps(comm, n, 10 + i)):
+            for step, (grad, reset) in enumerate(_steps(comm, seed, n, 10 + i)):
                 if reset:
                     r_on.zero_()
                     r_off.zero_()
@@ -90,33 +83,33 @@ def _check_equal(comm):
                     top = torch.zeros(n, dtype=torch.float64)
                     idx = x.abs().topk(k).indices
                     top[idx] = x[idx]
-                    expected = _gather(comm, top).mean(0)
+                    expected = gather_rows(comm, top).mean(0)
                     err = (t_on - expected).abs().max().item()
                     assert err < 1e-12, f"topka n={n} step {step}: off the reference by {err}"
     assert reused > 0, "threshold reuse was never exercised"
 
 
-def _check_conservation(comm):
+def _check_conservation(comm, seed):
     from commrt.collectives import SparseAllreduce
 
     P = comm.size
     for i, (alg, teams, sag) in enumerate(_configs(P)):
         reducer = SparseAllreduce(0.1, alg, teams=teams, sag=sag, reuse_steps=3)
         residual = torch.zeros(1000, dtype=torch.float64)
-        for step, (grad, reset) in enumerate(_steps(comm, 1000, 50 + i)):
+        for step, (grad, reset) in enumerate(_steps(comm, seed, 1000, 50 + i)):
             if reset:
                 residual.zero_()
             tensor = grad.clone()
-            total_in = _gather(comm, tensor + residual).sum(0)
+            total_in = gather_rows(comm, tensor + residual).sum(0)
             reducer(tensor, residual)
-            gap = (_gather(comm, residual).sum(0) + P * tensor - total_in).abs().max().item()
+            gap = (gather_rows(comm, residual).sum(0) + P * tensor - total_in).abs().max().item()
             assert gap < 1e-11, f"{alg} teams={teams} {sag} step {step}: off by {gap}"
-            results = _gather(comm, tensor)
+            results = gather_rows(comm, tensor)
             assert torch.equal(results.min(0).values, results.max(0).values), \
                 f"{alg} teams={teams}: ranks hold different results"
 
 
-def _check_bounds(comm):
+def _check_bounds(comm, seed):
     from commrt.collectives import SparseAllreduce
 
     P = comm.size
@@ -126,7 +119,7 @@ def _check_bounds(comm):
                                   reuse_eps=eps)
         residual = torch.zeros(4000, dtype=torch.float64)
         ages: dict[str, int] = {}
-        for step, (grad, reset) in enumerate(_steps(comm, 4000, 80 + i, count=10)):
+        for step, (grad, reset) in enumerate(_steps(comm, seed, 4000, 80 + i, count=10)):
             if reset:
                 residual.zero_()
             reducer(grad.clone(), residual)
@@ -144,12 +137,12 @@ def _check_bounds(comm):
                     ages[site] = 1
 
 
-def _check_triggers(comm):
+def _check_triggers(comm, seed):
     from commrt.collectives import SparseAllreduce
 
     P = comm.size
     n = 2000
-    g = torch.Generator().manual_seed(5 + comm.rank)
+    g = generator(seed, "triggers", comm.rank)
     grad = torch.randn(n, generator=g, dtype=torch.float64)
     for alg in ("topka", "spardl"):
         reducer = SparseAllreduce(0.05, alg, reuse_steps=3)
@@ -194,8 +187,12 @@ def _check_triggers(comm):
     assert P >= 1
 
 
-def _reuse_worker() -> None:
-    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS})
+def _reuse_worker(seed: int) -> None:
+    from commrt import transports as T
+
+    comm = T.world()
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS}, comm, seed,
+               rank=comm.rank)
 
 
 # --------------------------------------------------------------------------------------

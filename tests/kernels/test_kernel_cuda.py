@@ -4,8 +4,9 @@ the torch references on fresh random inputs.
 The suite's conftest turns Triton's interpreter on for the whole process, so each group
 runs this file as a script in a subprocess with ``TRITON_INTERPRET=0`` and
 ``COMMRT_KERNELS=triton``: the kernels are compiled for the GPU, and the dispatched entry
-points (``quantize``, ``scatter_add_packed_``, ...) take the Triton path too. A failing
-case prints its seed. Skipped where torch sees no CUDA device.
+points (``quantize``, ``scatter_add_packed_``, ...) take the Triton path too. The
+subprocess gets the test's `seed` (tests/conftest.py), which a failing test's report
+shows. Skipped where torch sees no CUDA device.
 """
 import os
 import subprocess
@@ -22,10 +23,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_kernel_cuda_triton_compiled(group):
+def test_kernel_cuda_triton_compiled(group, seed):
     env = dict(os.environ, TRITON_INTERPRET="0", COMMRT_KERNELS="triton")
-    proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__, group, str(seed)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{group} failed on CUDA:\n{proc.stdout}\n{proc.stderr}"
     assert f"ok {group}" in proc.stdout
 
@@ -187,10 +188,9 @@ def _check_dct(K, seed: int) -> None:
                                    K.dct_chunks_cpu(x, chunk), rtol=1e-10, atol=1e-10)
 
 
-def _main(group: str) -> None:
+def _main(group: str, seed: int) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
     import commrt.kernels as K
-    seed = int(torch.randint(0, 2 ** 31, ()).item())
     print(f"group {group}, seed {seed}, device {torch.cuda.get_device_name()}", flush=True)
     globals()[f"_check_{group}"](K, seed)
     torch.cuda.synchronize()
@@ -198,4 +198,4 @@ def _main(group: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    _main(sys.argv[1], int(sys.argv[2]))

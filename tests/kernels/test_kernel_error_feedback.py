@@ -4,17 +4,13 @@ bad input."""
 import numpy as np
 import pytest
 import torch
+from references import stable_topk_indices
 
 import commrt.kernels as K
-from commrt.kernels import topk as topk_mod
+from commrt.kernels import topk_cpu as topk_mod
 
 FNS = {"triton": K.topk_error_feedback_triton, "torch": K.topk_error_feedback_torch,
        "cpu": K.topk_error_feedback_cpu}
-
-
-def stable_topk_indices(x: torch.Tensor, k: int) -> np.ndarray:
-    a = x.double().abs().numpy()
-    return np.sort(np.argsort(-a, kind="stable")[:k])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "cpu"])
@@ -103,21 +99,16 @@ def test_kernel_error_feedback_cpu_nan_inf_late_leaves_residual(bad, monkeypatch
         assert torch.equal(residual.view(torch.int32), before.view(torch.int32))   # bitwise
 
 
-def _fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
-
-
 @pytest.mark.parametrize("grad_dtype,res_dtype", [(torch.float32, torch.float32),
                                                   (torch.bfloat16, torch.float32),
                                                   (torch.float64, torch.float32),
                                                   (torch.float32, torch.float16),
                                                   (torch.bfloat16, torch.bfloat16),
                                                   (torch.float64, torch.float64)])
-def test_kernel_error_feedback_cpu_equals_reference_fresh(grad_dtype, res_dtype, monkeypatch):
+def test_kernel_error_feedback_cpu_equals_reference_fresh(grad_dtype, res_dtype, monkeypatch, seed):
     # Large enough for the sampled threshold and several chunks; flat and blocks; the
     # missed-sample fallback too (negative margin). Values, indices and the new residual
     # equal the reference's bit for bit.
-    seed = _fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     n = 300_007
     grad = torch.randn(n, generator=gen).to(grad_dtype)
@@ -145,10 +136,9 @@ def test_kernel_error_feedback_cpu_equals_reference_fresh(grad_dtype, res_dtype,
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_error_feedback_cpu_non_contiguous_grad(threads, monkeypatch):
+def test_kernel_error_feedback_cpu_non_contiguous_grad(threads, monkeypatch, seed):
     # Small chunks: many segments, run on two threads (each with its own x buffer).
     monkeypatch.setattr(topk_mod, "CPU_CHUNK", 5000)
-    seed = _fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     grad = torch.randn(300, 400, generator=gen).t()            # non-contiguous
     residual = torch.randn(400, 300, generator=gen)

@@ -145,10 +145,9 @@ def _assert_same(fast, ref, bits, seed):
 
 @pytest.mark.parametrize("bits", [8, 4, 1])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_quantize_cpu_matches_reference(bits, dtype, monkeypatch):
+def test_kernel_quantize_cpu_matches_reference(bits, dtype, monkeypatch, seed):
     # A small chunk makes the cases below span several chunks with short last blocks.
     monkeypatch.setattr(QMOD, "CPU_CHUNK", 512)
-    seed = int(torch.randint(0, 2 ** 31, ()).item())
     gen = torch.Generator().manual_seed(seed)
     for n, block_size in [(0, 64), (1, 8), (7, 8), (9, 8), (255, 64), (1000, 256), (2049, 264),
                           (5003, 128)]:
@@ -179,9 +178,8 @@ def test_kernel_quantize_cpu_ties(bits, absmax, step):
 
 @pytest.mark.parametrize("bits", [8, 4, 1])
 @pytest.mark.parametrize("res_dtype", DTYPES)
-def test_kernel_quantize_cpu_error_feedback(bits, res_dtype, monkeypatch):
+def test_kernel_quantize_cpu_error_feedback(bits, res_dtype, monkeypatch, seed):
     monkeypatch.setattr(QMOD, "CPU_CHUNK", 1024)
-    seed = int(torch.randint(0, 2 ** 31, ()).item())
     gen = torch.Generator().manual_seed(seed)
     for n, block_size, x_dtype in [(1, 8, torch.float32), (777, 64, torch.bfloat16),
                                    (4100, 256, torch.float32), (3001, 136, torch.float64)]:
@@ -205,9 +203,8 @@ def test_kernel_quantize_cpu_error_feedback(bits, res_dtype, monkeypatch):
                                    rtol=eps, atol=eps, msg=lambda m: f"{m} (seed {seed})")
 
 
-def test_kernel_quantize_cpu_layouts_threads_and_dispatch(monkeypatch):
+def test_kernel_quantize_cpu_layouts_threads_and_dispatch(monkeypatch, seed):
     monkeypatch.setattr(QMOD, "CPU_CHUNK", 256)
-    seed = int(torch.randint(0, 2 ** 31, ()).item())
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(40, 50, generator=gen)
     x = base.t()                                             # non-contiguous, 2-D
@@ -259,9 +256,8 @@ def _in_place_reference(x, bits, block_size):
 
 @pytest.mark.parametrize("bits", [8, 4, 1])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_quantize_in_place_cpu_and_torch(bits, dtype, monkeypatch):
+def test_kernel_quantize_in_place_cpu_and_torch(bits, dtype, monkeypatch, seed):
     monkeypatch.setattr(QMOD, "CPU_CHUNK", 512)          # several chunks, short last blocks
-    seed = int(torch.randint(0, 2 ** 31, ()).item())
     gen = torch.Generator().manual_seed(seed)
     for n, block_size in [(0, 64), (1, 8), (9, 8), (255, 64), (1000, 256), (2049, 264),
                           (5003, 128)]:
@@ -288,8 +284,7 @@ def test_kernel_quantize_in_place_cpu_and_torch(bits, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [8, 4, 1])
-def test_kernel_quantize_in_place_triton_and_out(bits):
-    seed = int(torch.randint(0, 2 ** 31, ()).item())
+def test_kernel_quantize_in_place_triton_and_out(bits, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(300, generator=gen) * 3
     ref_q, ref_err = _in_place_reference(x, bits, 64)
@@ -321,9 +316,8 @@ def test_kernel_quantize_in_place_triton_and_out(bits):
 
 @pytest.mark.parametrize("bits", [8, 4, 1])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_dequantize_out(bits, dtype, monkeypatch):
+def test_kernel_dequantize_out(bits, dtype, monkeypatch, seed):
     monkeypatch.setattr(QMOD, "CPU_CHUNK", 512)
-    seed = int(torch.randint(0, 2 ** 31, ()).item())
     gen = torch.Generator().manual_seed(seed)
     for n, block_size in [(1, 8), (9, 8), (1000, 256), (2049, 264)]:
         x = torch.randn(n, generator=gen).to(dtype)

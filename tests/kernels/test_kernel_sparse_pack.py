@@ -38,7 +38,7 @@ def test_kernel_pack_round_trip(dtype, block_size, k):
     assert (magic, version, w, count) == (0xC5, 1, width, k)
     assert code == DTYPES.index(dtype)
     idx_off = 8 + (k * itemsize + 3) // 4 * 4
-    fmt = "<%d%s" % (k, "H" if width == 2 else "i")
+    fmt = f"<{k}{'H' if width == 2 else 'i'}"
     assert list(struct.unpack(fmt, raw[idx_off:idx_off + k * width])) == indices.tolist()
     assert raw[8:8 + k * itemsize] == values.view(torch.uint8).numpy().tobytes()
     # Round trip, also from a longer receive buffer.

@@ -7,21 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from references import stable_topk_indices
 
 import commrt.kernels as K
-from commrt.kernels import topk as topk_mod
+from commrt.kernels import topk_cpu, topk_search
 
 BACKENDS = {
     "triton": (K.topk_magnitude_triton, K.topk_blocks_triton),
     "torch": (K.topk_magnitude_torch, K.topk_blocks_torch),
     "cpu": (K.topk_magnitude_cpu, K.topk_blocks_cpu),
 }
-
-
-def stable_topk_indices(x: torch.Tensor, k: int) -> np.ndarray:
-    """Exact top-k by |x| with ties to the lower index, ascending (float64, numpy)."""
-    a = x.double().abs().numpy()
-    return np.sort(np.argsort(-a, kind="stable")[:k])
 
 
 def blocks_reference(x: torch.Tensor, block_size: int, k: int) -> np.ndarray:
@@ -94,7 +89,7 @@ def _check_approx_flat(x, k, values, indices):
 @pytest.mark.parametrize("sample_size", [16, 4096])
 def test_kernel_topk_approximate_count_within_tolerance(monkeypatch, sample_size):
     # A tiny sample forces the refinement rounds; the default one samples every element.
-    monkeypatch.setattr(topk_mod, "SAMPLE_SIZE", sample_size)
+    monkeypatch.setattr(topk_search, "SAMPLE_SIZE", sample_size)
     gen = torch.Generator().manual_seed(sample_size)
     for n, k in ((3000, 30), (3000, 300), (2049, 2000), (500, 1)):
         x = torch.randn(n, generator=gen) * torch.rand(n, generator=gen) ** 3
@@ -122,7 +117,7 @@ def test_kernel_topk_blocks_exact(n, block_size, k):
 
 
 def test_kernel_topk_blocks_approximate(monkeypatch):
-    monkeypatch.setattr(topk_mod, "SAMPLE_SIZE", 16)
+    monkeypatch.setattr(topk_search, "SAMPLE_SIZE", 16)
     n, block_size, k = 2000, 256, 40
     x = torch.randn(n, generator=torch.Generator().manual_seed(11))
     v1, i1 = K.topk_blocks_triton(x, block_size, k, exact=False)
@@ -173,10 +168,6 @@ def test_kernel_topk_wrong_input():
 # ----------------------------------------------------------------------------------------
 # The fast CPU implementation against the torch reference
 # ----------------------------------------------------------------------------------------
-def _fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % 2**31)
-
-
 def _check_cpu_flat(x: torch.Tensor, k: int, seed: int) -> None:
     ve, ie = K.topk_magnitude_cpu(x, k)
     vr, ir = K.topk_magnitude_torch(x, k)
@@ -190,10 +181,9 @@ def _check_cpu_flat(x: torch.Tensor, k: int, seed: int) -> None:
 
 
 @pytest.mark.parametrize("n", [1000, 1023, 1024, 65_537, 300_001])
-def test_kernel_topk_cpu_matches_reference_fresh(n):
+def test_kernel_topk_cpu_matches_reference_fresh(n, seed):
     # Fresh inputs each run (the seed is printed on failure); sizes from the direct path
     # (n < 1024) through the sampled threshold with several chunks.
-    seed = _fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=gen) * torch.rand(n, generator=gen) ** 2
     for k in (1, 2, n // 1000 + 3, n // 100, n // 10, n // 2, n):
@@ -201,9 +191,8 @@ def test_kernel_topk_cpu_matches_reference_fresh(n):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_kernel_topk_cpu_low_and_high_precision(dtype):
+def test_kernel_topk_cpu_low_and_high_precision(dtype, seed):
     # float16/bfloat16 have few distinct magnitudes: ties at the k-th are the rule here.
-    seed = _fresh_seed()
     x = torch.randn(60_003, generator=torch.Generator().manual_seed(seed)).to(dtype)
     for k in (0, 1, 100, 2000, 30_000):
         _check_cpu_flat(x, k, seed)
@@ -213,8 +202,7 @@ def test_kernel_topk_cpu_low_and_high_precision(dtype):
         assert torch.equal(i1, i2) and torch.equal(v1, v2), f"seed {seed}, block {block_size}"
 
 
-def test_kernel_topk_cpu_many_ties():
-    seed = _fresh_seed()
+def test_kernel_topk_cpu_many_ties(seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(-3, 4, (60_000,), generator=gen).float()
     for k in (1, 17, 1000, 30_000, 59_999):
@@ -230,8 +218,7 @@ def test_kernel_topk_cpu_many_ties():
                                       err_msg=f"seed {seed}, block {block_size}")
 
 
-def test_kernel_topk_cpu_non_contiguous_and_shaped():
-    seed = _fresh_seed()
+def test_kernel_topk_cpu_non_contiguous_and_shaped(seed):
     base = torch.randn(600, 700, generator=torch.Generator().manual_seed(seed))
     for x in (base.t(), base[:, ::3], base[::2]):
         assert not x.is_contiguous() or x.dim() == 2
@@ -246,21 +233,19 @@ def test_kernel_topk_cpu_non_contiguous_and_shaped():
                                             (300_001, 70_000, 0), (200_000, 64, 8),
                                             (5000, 10**9, 33), (65_536 * 3 + 5, 65_536, 655)])
 @pytest.mark.parametrize("exact", [True, False])
-def test_kernel_topk_blocks_cpu_fresh(n, block_size, k, exact):
+def test_kernel_topk_blocks_cpu_fresh(n, block_size, k, exact, seed):
     # Approximate blocks: the fast CPU path returns the exact selection (within the contract).
-    seed = _fresh_seed()
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
     v1, i1 = K.topk_blocks_cpu(x, block_size, k, exact=exact)
     v2, i2 = K.topk_blocks_torch(x, block_size, k)
     assert torch.equal(i1, i2) and torch.equal(v1, v2), f"seed {seed}"
 
 
-def test_kernel_topk_cpu_fallbacks_and_threads(monkeypatch):
+def test_kernel_topk_cpu_fallbacks_and_threads(monkeypatch, seed):
     # A sample threshold that misses (negative margin: too few candidates) sends rows to
     # the direct path; tiny chunks split rows over many segments; rows' k-th found one by
     # one or padded together; two threads run the segments in parallel. The result never
     # changes.
-    seed = _fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(200_000, generator=gen)
     x[::7] = 0.5                                     # ties, too
@@ -269,9 +254,9 @@ def test_kernel_topk_cpu_fallbacks_and_threads(monkeypatch):
     threads = torch.get_num_threads()
     for z, chunk, row_loop, nthreads in ((-30.0, 1 << 18, 1024, 1), (4.0, 3000, 0, 1),
                                          (-30.0, 5000, 0, 2), (4.0, 1 << 18, 1024, 2)):
-        monkeypatch.setattr(topk_mod, "CPU_SAMPLE_Z", z)
-        monkeypatch.setattr(topk_mod, "CPU_CHUNK", chunk)
-        monkeypatch.setattr(topk_mod, "CPU_ROW_LOOP", row_loop)
+        monkeypatch.setattr(topk_cpu, "CPU_SAMPLE_Z", z)
+        monkeypatch.setattr(topk_cpu, "CPU_CHUNK", chunk)
+        monkeypatch.setattr(topk_cpu, "CPU_ROW_LOOP", row_loop)
         torch.set_num_threads(nthreads)
         try:
             for k, (v, i) in expect.items():
@@ -314,11 +299,10 @@ def above_reference(rows: torch.Tensor, thresholds: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.parametrize("impl", sorted(ABOVE))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_kernel_above_threshold_matches_float64_reference(impl, dtype, monkeypatch):
-    seed = int(torch.randint(0, 2**31, (1,)))
+def test_kernel_above_threshold_matches_float64_reference(impl, dtype, monkeypatch, seed):
     g = torch.Generator().manual_seed(seed)
     # A small chunk so that long rows split and short rows group within one call.
-    monkeypatch.setattr(topk_mod, "CPU_CHUNK", 4096)
+    monkeypatch.setattr(topk_cpu, "CPU_CHUNK", 4096)
     for s, c in ((1, 1), (1, 10_000), (3, 5000), (700, 17), (2, 0), (0, 5)):
         rows = torch.randn(s, c, generator=g, dtype=torch.float64).to(dtype)
         rows.view(-1)[::7] = 0.0

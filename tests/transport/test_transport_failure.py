@@ -3,7 +3,7 @@ import time
 
 import pytest
 import torch
-from mpi_harness import run_ranks
+from harness import run_ranks
 
 
 def _one_rank_raises_worker() -> None:

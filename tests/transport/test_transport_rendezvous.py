@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from commrt.transports import mpirun_executable, rendezvous
-from perf import netem
+from perf.infra import netem
+from perf.infra.launch import job_env
 
-WORKER = Path(__file__).parents[1] / "support" / "_rendezvous_worker.py"
+WORKER = Path(__file__).parents[1] / "support" / "worker_rendezvous.py"
 
 
 def test_backend_rendezvous_identity_and_addresses():
@@ -31,7 +32,7 @@ def test_backend_rendezvous_across_namespaces(tmp_path, nprocs, ranks_per_node):
     with netem.emulated_link("10gbit", nprocs=nprocs, ranks_per_node=ranks_per_node) as setup:
         cmd = [*setup.prefix, mpirun_executable(), *setup.mpirun_args, "-n", str(nprocs),
                sys.executable, str(WORKER), str(tmp_path)]
-        env = netem.job_env(nprocs, setup.env)
+        env = job_env(nprocs, setup.env)
         env.pop("MASTER_ADDR", None)
         env.pop("MASTER_PORT", None)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

@@ -1,6 +1,6 @@
 """Entry point of one rank of a `run_ranks` job: import the test file, call the worker.
 
-Usage: python tests/support/_mpi_worker.py TEST_FILE FUNCTION KWARGS_JSON
+Usage: python tests/support/worker_mpi.py TEST_FILE FUNCTION KWARGS_JSON
 """
 import importlib.util
 import json

@@ -1,5 +1,6 @@
-"""Rank body of test_backend_rendezvous: the default commrt group and a gloo subgroup come
-up with no MASTER_ADDR/PORT, then each does one allreduce; rank r writes OUT/r.json."""
+"""Rank body of tests/transport/test_transport_rendezvous.py: the default commrt group and
+a gloo subgroup come up with no MASTER_ADDR/PORT, then each does one allreduce; rank r
+writes OUT/r.json."""
 import json
 import os
 import sys

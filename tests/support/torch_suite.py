@@ -2,16 +2,16 @@
 
 `run_suite` runs every test method of the installed torch's
 ``torch/testing/_internal/distributed/distributed_test.py`` on ``mpirun -n 3`` ranks (see
-`_torch_suite_worker` for how a rank runs a test, opens torch's CPU gates for commrt,
+`worker_torch_suite` for how a rank runs a test, opens torch's CPU gates for commrt,
 and agrees on its outcome); `check` compares the agreed outcomes with an
 expected-outcomes file. Used by ``tests/backend/test_backend_torch_suite.py``, and by hand::
 
-    python tests/support/_torch_suite.py                      # commrt, compared with its list
-    python tests/support/_torch_suite.py --backend gloo       # the same harness on gloo
-    python tests/support/_torch_suite.py -k all_gather -k barrier   # only tests whose names match
-    python tests/support/_torch_suite.py --print-expected     # the observed outcomes as list lines
+    python tests/support/torch_suite.py                      # commrt, compared with its list
+    python tests/support/torch_suite.py --backend gloo       # the same harness on gloo
+    python tests/support/torch_suite.py -k all_gather -k barrier   # only tests whose names match
+    python tests/support/torch_suite.py --print-expected     # the observed outcomes as list lines
 
-Hangs and crashes. A rank whose test outlives its watchdog (`_torch_suite_worker.
+Hangs and crashes. A rank whose test outlives its watchdog (`worker_torch_suite.
 test_limit_s`) dumps its stacks and ends the job; a rank that dies ends it too. The
 runner then records that test as ``hang`` (naming the ranks that did not finish, with
 their stacks) and starts a new job for the tests left, so one hang costs one test, not
@@ -45,12 +45,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import _torch_suite_worker as W  # noqa: E402
-from mpi_harness import mpi_env  # noqa: E402
+import worker_torch_suite as W  # noqa: E402
+from harness import mpi_env  # noqa: E402
 
 from commrt.transports import mpirun_executable  # noqa: E402
 
-WORKER = HERE / "_torch_suite_worker.py"
+WORKER = HERE / "worker_torch_suite.py"
 BACKENDS = ("commrt", "gloo")
 NON_PASS = ("excluded", "skipped", "failed", "error", "hang")
 STARTUP_LIMIT_S = 300.0       # a job's imports, before its first test starts

@@ -1,8 +1,8 @@
 """One rank of a torch-suite job: PyTorch's ``DistributedTest._DistTestBase`` under mpirun.
 
-Usage (started by `_torch_suite.run_suite`, never by hand)::
+Usage (started by `torch_suite.run_suite`, never by hand)::
 
-    mpirun -n 3 python tests/support/_torch_suite_worker.py BACKEND JOB_DIR DONE_FILE SELECT_JSON
+    mpirun -n 3 python tests/support/worker_torch_suite.py BACKEND JOB_DIR DONE_FILE SELECT_JSON
 
 DONE_FILE names tests an earlier job of the run already decided; SELECT_JSON is a list of
 substrings (empty: every test).
@@ -132,7 +132,7 @@ def _open_as_for_mpi(original: Callable) -> Callable:
     source = inspect.getsource(original)
     if 'os.environ["BACKEND"] != "mpi"' not in source:
         raise RuntimeError(f"torch changed {original.__name__}; review how "
-                           "tests/support/_torch_suite_worker.py opens it")
+                           "tests/support/worker_torch_suite.py opens it")
     return lambda func: func
 
 
@@ -231,7 +231,7 @@ def run_one(suite: Any, case_cls: type, name: str, rank: int, test_dir: Path,
         common_utils.set_rng_seed()
         getattr(case, name)()
         return "passed", ""
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 (every outcome is recorded)
+    except (Exception, SystemExit) as exc:
         return _classify(exc, skips, case.failureException)
 
 
@@ -243,7 +243,7 @@ def _teardown() -> str:
         if dist.is_initialized():
             dist.destroy_process_group()
         return ""
-    except Exception:  # noqa: BLE001
+    except Exception:
         return traceback.format_exc()
 
 
@@ -305,7 +305,7 @@ def main() -> None:
         (job_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         for sub in ("outcome", "started"):
             (job_dir / sub).mkdir(exist_ok=True)
-        for i, entry in todo:
+        for i, _entry in todo:
             for d in ("barrier", "test_dir", "init_dir"):
                 (job_dir / "t" / f"{i:04d}" / d).mkdir(parents=True, exist_ok=True)
     comm.Barrier()
@@ -314,7 +314,7 @@ def main() -> None:
         """torch's TestDistBackendWithSpawn, run in place on this rank."""
 
     backend = suite.BACKEND
-    stacks = open(stacks_path(job_dir, rank), "a")  # noqa: SIM115 (kept for faulthandler)
+    stacks = open(stacks_path(job_dir, rank), "a")
     for i, entry in todo:
         name = entry["name"]
         limit = test_limit_s(name)

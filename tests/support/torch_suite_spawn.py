@@ -1,6 +1,6 @@
 """PyTorch's own spawn-based distributed harness (``TestDistBackend``) on commrt, no mpirun.
 
-    python tests/support/_torch_suite_spawn.py [-k SUBSTRING ...] [--backend commrt|gloo]
+    python tests/support/torch_suite_spawn.py [-k SUBSTRING ...] [--backend commrt|gloo]
 
 This is how torch runs ``DistributedTest._DistTestBase`` itself (its
 ``test_distributed_spawn.py``): for every test, ``TestDistBackend`` spawns WORLD_SIZE (3)
@@ -9,7 +9,7 @@ init_method=file://..., rank=r, world_size=3)``, runs the method, and exits; tor
 harness times each test out. On commrt no MPI launcher is present, so every test forms a
 new MPI world through commrt's PMI server (commrt.transports.pmi).
 
-Gates are opened exactly as in the mpirun harness (`_torch_suite_worker.import_suite`;
+Gates are opened exactly as in the mpirun harness (`worker_torch_suite.import_suite`;
 here a test torch marks skipped for commrt but runs for gloo or mpi is given an unmarked
 method), so the outcomes compare with the mpirun harness's expected list
 (``tests/support/torch_suite_expected_BACKEND.txt``): the run prints each test's outcome, and
@@ -30,8 +30,8 @@ sys.path.insert(0, str(HERE))
 os.environ["WORLD_SIZE"] = "3"
 os.environ.setdefault("COMMRT_SUITE_BACKEND", "commrt")
 
-import _torch_suite as S  # noqa: E402
-import _torch_suite_worker as W  # noqa: E402
+import torch_suite as S  # noqa: E402
+import worker_torch_suite as W  # noqa: E402
 
 # Imported again in every spawned process (as __mp_main__): each opens the same gates.
 suite, PLAN = W.import_suite(os.environ["COMMRT_SUITE_BACKEND"])
@@ -65,16 +65,16 @@ class _Outcomes(unittest.TestResult):
         super().__init__()
         self.outcomes: dict[str, tuple[str, str]] = {}
 
-    def addSuccess(self, test) -> None:  # noqa: N802 (unittest's names)
+    def addSuccess(self, test) -> None:
         self.outcomes[test._testMethodName] = ("passed", "")
 
-    def addSkip(self, test, reason) -> None:  # noqa: N802
+    def addSkip(self, test, reason) -> None:
         self.outcomes[test._testMethodName] = ("skipped", reason)
 
-    def addFailure(self, test, err) -> None:  # noqa: N802
+    def addFailure(self, test, err) -> None:
         self.outcomes[test._testMethodName] = ("failed", self._exc_info_to_string(err, test))
 
-    def addError(self, test, err) -> None:  # noqa: N802
+    def addError(self, test, err) -> None:
         self.outcomes[test._testMethodName] = ("error", self._exc_info_to_string(err, test))
 
 

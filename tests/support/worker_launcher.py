@@ -1,8 +1,8 @@
 """Ranks started without mpirun, for tests/backend/test_backend_launchers.py.
 
-    python -m torch.distributed.run --nproc-per-node N tests/support/_launcher_worker.py ddp SEED
-    python tests/support/_launcher_worker.py spawn-ddp METHOD N SEED INIT_URL
-    python tests/support/_launcher_worker.py spawn-SCENARIO METHOD N INIT_URL
+    python -m torch.distributed.run --nproc-per-node N tests/support/worker_launcher.py ddp SEED
+    python tests/support/worker_launcher.py spawn-ddp METHOD N SEED INIT_URL
+    python tests/support/worker_launcher.py spawn-SCENARIO METHOD N INIT_URL
 
 `ddp` trains DistributedDataParallel on the `commrt` backend and checks the parameters
 against one process training on the whole batch (the assertion fails the rank), then
@@ -10,8 +10,8 @@ prints ``RANK-OK r``. The other scenarios are the failure cases: `missing` (the 
 never calls init_process_group), `killed` (rank 1 is killed after init), `premature`
 (MPI used before init_process_group), `unjoined` (MPI starts without joining the PMI
 server, as another MPI library would), `server-killed` (rank 0 kills the PMI server
-after init; the ranks then exit without MPI_Finalize, status 1). Each rank prints what init or the operation raised
-as ``RANK-ERROR r: message`` and exits normally.
+after init; the ranks then exit without MPI_Finalize, status 1). Each rank prints what
+init or the operation raised as ``RANK-ERROR r: message`` and exits normally.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _client_util import train_ddp_and_check
+from backend_util import train_ddp_and_check
 
 import commrt  # noqa: F401  (registers the backend)
 
