@@ -78,7 +78,8 @@ def stdlib_corpus(corpus_bytes: int = DEFAULT_CORPUS_BYTES) -> tuple[np.ndarray,
             break
         data = path.read_bytes()[:corpus_bytes - total]
         total += len(data)
-        (val_parts if index % VAL_EVERY_NTH_FILE == VAL_EVERY_NTH_FILE - 1 else train_parts).append(data)
+        is_val = index % VAL_EVERY_NTH_FILE == VAL_EVERY_NTH_FILE - 1
+        (val_parts if is_val else train_parts).append(data)
     if not train_parts or not val_parts:
         raise ValueError("the standard library corpus is too small: raise --corpus-bytes")
     as_tokens = lambda parts: np.frombuffer(b"\n".join(parts), dtype=np.uint8)  # noqa: E731
@@ -148,7 +149,8 @@ def check_fits(dataset: Dataset, world_size: int, block_size: int) -> None:
             f"{len(dataset.val)} tokens and a sequence needs {need} (block size {block_size} + 1)")
 
 
-def _windows(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(tokens: np.ndarray, offsets: np.ndarray,
+             block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = np.stack([np.asarray(tokens[o:o + block_size + 1], dtype=np.int64) for o in offsets])
     batch = torch.from_numpy(rows)
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
@@ -164,7 +166,8 @@ class BatchSampler:
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
                  stream: int = 0):
         if len(tokens) < block_size + 1:
-            raise ValueError(f"{len(tokens)} tokens are too few for one sequence of {block_size} + 1")
+            raise ValueError(f"{len(tokens)} tokens are too few for one sequence of "
+                             f"{block_size} + 1")
         self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
         self.seed, self.stream = seed, stream
         self.position = 0
