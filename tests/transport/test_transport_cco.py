@@ -244,7 +244,7 @@ def _check_checked(comm, seed):
         assert req.agreed is False and not req.rejected, (rank, req.agreed)
         assert req.low == [7, 100] and req.high == [7, 101], (req.low, req.high)
         comm.barrier()  # (the data itself matched here and has completed on every rank)
-    # More checks in flight than _CheckSlots.COUNT (40 unwaited), waited in reverse order.
+    # More checks in flight than CheckSlots.COUNT (40 unwaited), waited in reverse order.
     k = 40
     bufs = [torch.full((3,), float(rank + i)) for i in range(k)]
     reqs = [comm.iallreduce(b, check=signature) for b in bufs]
