@@ -1,12 +1,20 @@
-"""DeMo (commrt.optim.DeMo): lossless limit equals data-parallel SGD, transmitted + remaining
-momentum equals the accumulated momentum, wire bytes match the docstring formula."""
+"""DeMo (commrt.optim.DeMo) under mpirun, one launch per world size; each rank prints
+``CHECK <name> rank <r> OK|FAIL`` and each check is its own test:
+
+- lossless_is_sgd: top-k = the whole chunk, no sign: DeMo is data-parallel SGD at lr²
+  with decoupled weight decay (float64 reference), the buffer empties, wire bytes match;
+- transmitted_plus_remaining: small top-k: transmitted + remaining momentum equals the
+  accumulated momentum, the applied update is the mean of what every rank transmitted,
+  each chunk sends at most k coefficients, replicas stay identical, wire bytes match;
+- topk_above_chunk_refused: a configuration error raises ValueError on every rank.
+"""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from harness import run_ranks
+from harness import assert_check, checks_fixture, run_checks
 
 SHAPES = [(16, 24), (10,), (4, 3, 8), (7,)]
 LR = 0.05
@@ -60,15 +68,17 @@ def _expected_payload(chunk: int, topk: int, value_bytes: int) -> int:
     return total
 
 
-def _demo_worker(seed: int) -> None:
+WORLD_SIZES = [2, 6]
+CHECKS = ["lossless_is_sgd", "transmitted_plus_remaining", "topk_above_chunk_refused"]
+
+
+def _check_lossless_is_sgd(comm, seed: int) -> None:
+    """The buffer empties every step and DeMo is plain data-parallel SGD at lr² (δ = lr·g,
+    update lr·mean δ), with decoupled weight decay."""
     from commrt import transports as T
     from commrt.optim import DeMo
 
-    comm = T.world()
     P, rank = comm.size, comm.rank
-
-    # 1. top-k = whole chunk, no sign: the buffer empties every step and DeMo is plain
-    #    data-parallel SGD at lr² (δ = lr·g, update lr·mean δ), with decoupled weight decay.
     params = _params(seed)
     ref = [p.detach().double().clone() for p in params]
     wd = 0.1
@@ -89,9 +99,13 @@ def _demo_worker(seed: int) -> None:
             torch.testing.assert_close(p.detach().double(), ref[i], rtol=1e-5, atol=1e-6)
             assert opt.state[p]["delta"].abs().max() < 1e-6, "momentum not emptied"
 
-    # 2. small top-k: transmitted + remaining == accumulated momentum; the applied update is
-    #    the mean of what every rank transmitted; each transmitted chunk has ≤ k coefficients.
-    #    Chunk 16 / top-2 takes the sparse inverse for the mean too (2·P·k ≤ cr + cc).
+
+def _check_transmitted_plus_remaining(comm, seed: int) -> None:
+    """Chunk 16 / top-2 takes the sparse inverse for the mean too (2·P·k ≤ cr + cc)."""
+    from commrt import transports as T
+    from commrt.optim import DeMo
+
+    P, rank = comm.size, comm.rank
     for chunk, topk, value_bits, sign in ((4, 3, 32, False), (4, 3, 8, False), (4, 3, 8, True),
                                           (16, 2, 32, False)):
         params = _params(seed + 1)
@@ -126,7 +140,7 @@ def _demo_worker(seed: int) -> None:
                 tol = 1e-5 if value_bits == 32 else acc_coeffs.abs().amax(1, keepdim=True) / 127
                 err = (coeffs.gather(1, kept) - acc_coeffs.gather(1, kept)).abs()
                 assert (err <= tol * 0.51 + 1e-6 * scale).all(), err.max()
-                total = torch.tensor(comm.mpi.allreduce(transmitted.numpy())) / P
+                total = torch.tensor(comm.allreduce_object(transmitted.numpy())) / P
                 applied = (prev_p[i] - p.detach().double()) / LR
                 if sign:
                     clear = total.abs() > 1e-5 * total.abs().max()
@@ -135,25 +149,33 @@ def _demo_worker(seed: int) -> None:
                 else:
                     torch.testing.assert_close(applied, total, rtol=1e-4, atol=1e-5)  # fp32 p / lr
 
-    # 3. parameters stay identical across ranks
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    everyone = comm.allgather_object(flat)
-    for other in everyone:
-        assert torch.equal(other, flat)
-
-    # 4. configuration errors that need the group
-    from commrt.optim.demo import DeMo as _DeMo
-    try:
-        _DeMo(_params(0), lr=0.1, compression_topk=17, compression_chunk=4)
-    except ValueError as exc:
-        assert "compression_topk" in str(exc)
-    else:
-        raise AssertionError("topk > chunk accepted")
+        # parameters stay identical across ranks
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        for other in comm.allgather_object(flat):
+            assert torch.equal(other, flat), "parameters differ across ranks"
 
 
-@pytest.mark.parametrize("nprocs", [2, 6])
-def test_optim_demo_multi_rank(nprocs):
-    run_ranks(_demo_worker, nprocs, timeout=240, seed=nprocs)
+def _check_topk_above_chunk_refused(comm, seed: int) -> None:
+    from commrt.optim import DeMo
+
+    with pytest.raises(ValueError, match="compression_topk"):
+        DeMo(_params(seed), lr=0.1, compression_topk=17, compression_chunk=4)
+
+
+def _demo_worker(seed: int) -> None:
+    from commrt import transports as T
+
+    comm = T.world()
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS}, comm, seed,
+               rank=comm.rank)
+
+
+launch = checks_fixture(_demo_worker, WORLD_SIZES, timeout=240)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_demo_multi_rank(launch, check):
+    assert_check(launch, check)
 
 
 def test_optim_demo_bad_configuration():

@@ -1,13 +1,21 @@
-"""EDiT (commrt.optim.EDiT): with τ = 1, no penalty, outer lr 1 and no momentum it equals
-synchronous data parallel (parameter averaging); an injected outlier replica is excluded by
-the anomaly check and training continues; wire bytes match the docstring formula."""
+"""EDiT (commrt.optim.EDiT) under mpirun, one launch per world size; each rank prints
+``CHECK <name> rank <r> OK|FAIL`` and each check is its own test:
+
+- equals_data_parallel: with τ = 1, no penalty, outer lr 1 and no momentum EDiT equals
+  synchronous data-parallel SGD (float64 reference over all ranks' batches); its wire bytes
+  match the docstring formula every step;
+- anomaly_elimination: an injected outlier replica is excluded and training continues;
+- compressed_exchanges: sparse and quantized pseudo-gradient exchanges leave identical
+  replicas and send fewer bytes than dense;
+- foreign_group_refused: a process group that is not the mesh's is refused.
+"""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from harness import run_ranks
+from harness import assert_check, checks_fixture, run_checks
 from torch import nn
 
 
@@ -35,15 +43,23 @@ def _same_everywhere(comm, model: nn.Module, what: str) -> None:
         assert torch.equal(other, mine), f"{what}: parameters differ across ranks"
 
 
-def _edit_worker(seed: int) -> None:
+WORLD_SIZES = [2, 6]
+CHECKS = ["equals_data_parallel", "anomaly_elimination", "compressed_exchanges",
+          "foreign_group_refused"]
+
+
+def _two_level_mesh_rpn(P: int) -> int:
+    return 2 if P % 2 == 0 and P > 2 else 1
+
+
+def _check_equals_data_parallel(comm, seed: int) -> None:
     from commrt import transports as T
     from commrt.optim import EDiT, HybridMesh
 
-    comm = T.world()
     P, rank = comm.size, comm.rank
     lr, steps, warmup = 0.1, 5, 2
 
-    for rpn in sorted({1, 2 if P % 2 == 0 and P > 2 else 1}):
+    for rpn in sorted({1, _two_level_mesh_rpn(P)}):
         # 1. EDiT(τ=1, no penalty, η=1, μ=0) == data-parallel SGD on the global mean gradient
         mesh = HybridMesh(ranks_per_node=rpn)
         m, R = rpn, P // rpn
@@ -82,11 +98,15 @@ def _edit_worker(seed: int) -> None:
         assert method.syncs == steps - warmup
         method.close()
 
-    # 2. anomaly elimination: replicas on a 2-D mesh, one replica's parameters perturbed
-    #    by 1e3 after detection is active; it is excluded and training continues.
-    rpn = 2 if P % 2 == 0 and P > 2 else 1
-    mesh = HybridMesh(ranks_per_node=rpn)
-    R = P // rpn
+
+def _check_anomaly_elimination(comm, seed: int) -> None:
+    """Replicas on a 2-D mesh, one replica's parameters perturbed by 1e3 after detection is
+    active: it is excluded and training continues."""
+    from commrt.optim import EDiT, HybridMesh
+
+    P, rank = comm.size, comm.rank
+    rpn = _two_level_mesh_rpn(P)
+    mesh, R = HybridMesh(ranks_per_node=rpn), P // rpn
     model = _model(seed + 1)
     method = EDiT(model, torch.optim.SGD(model.parameters(), lr=0.05), sync_interval=2,
                   warmup_steps=2, mesh=mesh, anomaly_window=3, clip=10.0)
@@ -116,8 +136,15 @@ def _edit_worker(seed: int) -> None:
     state = method.state_dict()
     assert state["counters"]["syncs"] == method.syncs
     _same_everywhere(comm, model, "after training on")
+    method.close()
 
-    # 3. compressed pseudo-gradient exchanges: replicas still end identical, fewer bytes
+
+def _check_compressed_exchanges(comm, seed: int) -> None:
+    from commrt.optim import EDiT, HybridMesh
+
+    P, rank = comm.size, comm.rank
+    rpn = _two_level_mesh_rpn(P)
+    mesh, R = HybridMesh(ranks_per_node=rpn), P // rpn
     sync_bytes = {}
     for exchange in ("dense", "sparse", "quantized"):
         torch.manual_seed(seed + 2)   # wide enough that 8-bit blocks beat fp32
@@ -135,21 +162,33 @@ def _edit_worker(seed: int) -> None:
         assert sync_bytes["sparse"] < sync_bytes["dense"], sync_bytes
         assert sync_bytes["quantized"] < sync_bytes["dense"], sync_bytes
 
-    # 4. a process group that is not the mesh's is refused at construction
-    if P > 1:
-        sub = comm.split(0 if rank < P // 2 else 1)
-        try:
-            EDiT(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, mesh=mesh,
-                 process_group=sub)
-        except ValueError as exc:
-            assert "does not match the mesh" in str(exc)
-        else:
-            raise AssertionError("mismatched process group accepted")
+
+def _check_foreign_group_refused(comm, seed: int) -> None:
+    from commrt.optim import EDiT, HybridMesh
+
+    P, rank = comm.size, comm.rank
+    mesh = HybridMesh(ranks_per_node=_two_level_mesh_rpn(P))
+    model = _model(seed)
+    sub = comm.split(0 if rank < P // 2 else 1)
+    with pytest.raises(ValueError, match="does not match the mesh"):
+        EDiT(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, mesh=mesh,
+             process_group=sub)
 
 
-@pytest.mark.parametrize("nprocs", [2, 6])
-def test_optim_edit_multi_rank(nprocs):
-    run_ranks(_edit_worker, nprocs, timeout=240, seed=nprocs)
+def _edit_worker(seed: int) -> None:
+    from commrt import transports as T
+
+    comm = T.world()
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS}, comm, seed,
+               rank=comm.rank)
+
+
+launch = checks_fixture(_edit_worker, WORLD_SIZES, timeout=240)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_edit_multi_rank(launch, check):
+    assert_check(launch, check)
 
 
 def test_optim_edit_bad_configuration():

@@ -1,13 +1,22 @@
-"""FlexDeMo (commrt.optim.FlexDeMo), manual flat shards: one node equals DeMo on the sharded
-model; with several nodes the parameters stay identical across the mesh after every step,
-the lossless limit is SGD on the global mean gradient, and wire bytes match the formula."""
+"""FlexDeMo (commrt.optim.FlexDeMo), manual flat shards, under mpirun, one launch per world
+size; each rank prints ``CHECK <name> rank <r> OK|FAIL`` and each check is its own test:
+
+- one_node_is_demo: one node of P ranks equals DeMo on this rank's flat shard with the mean
+  gradient;
+- lossless_is_sgd: several nodes, top-k = chunk, base sgd: SGD at lr² on the global mean
+  gradient (float64 reference);
+- replicas_and_wire_bytes: sign and AdamW bases, 8-bit values: parameters identical on every
+  rank after every step, wire bytes per kind match the docstring formula;
+- foreign_group_refused: a process group that is not the mesh's is refused.
+FSDP2 (DTensor parameters) on commrt and gloo is tested below.
+"""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from harness import run_ranks
+from harness import assert_check, checks_fixture, run_checks, run_ranks
 
 SHAPES = [(6, 10), (10,), (3, 5, 2), (1,)]
 LR, CHUNK = 0.05, 8
@@ -29,15 +38,26 @@ def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).double() for t in tensors])
 
 
-def _flexdemo_worker(seed: int) -> None:
-    from commrt import transports as T
+WORLD_SIZES = [4, 6]
+CHECKS = ["one_node_is_demo", "lossless_is_sgd", "replicas_and_wire_bytes",
+          "foreign_group_refused"]
+TOTAL = sum(math.prod(s) for s in SHAPES)
+
+
+def _multi_node_mesh(P: int):
+    """2 ranks per node when possible, else one rank per node."""
+    from commrt.optim import HybridMesh
+
+    rpn = 2 if P % 2 == 0 and P > 2 else 1
+    mesh = HybridMesh(ranks_per_node=rpn)
+    assert (mesh.shard.size, mesh.replicate.size) == (rpn, P // rpn)
+    return mesh, rpn, P // rpn
+
+
+def _check_one_node_is_demo(comm, seed: int) -> None:
     from commrt.optim import DeMo, FlexDeMo, HybridMesh
 
-    comm = T.world()
-    P, rank = comm.size, comm.rank
-    total = sum(math.prod(s) for s in SHAPES)
-
-    # 1. one node of P ranks == DeMo (1-D chunks) on this rank's flat shard with the mean gradient
+    P, rank, total = comm.size, comm.rank, TOTAL
     mesh = HybridMesh(ranks_per_node=P)
     params = _params(seed)
     opt = FlexDeMo(params, lr=LR, mesh=mesh, base="sign", compression_topk=3,
@@ -65,13 +85,12 @@ def _flexdemo_worker(seed: int) -> None:
         everyone = comm.allgather_object(_flat(params))
         assert all(torch.equal(x, everyone[0]) for x in everyone), "ranks diverged"
 
-    # 2. several nodes (2 ranks per node when possible, else one rank per node)
-    rpn = 2 if P % 2 == 0 and P > 2 else 1
-    mesh = HybridMesh(ranks_per_node=rpn)
-    m, R = rpn, P // rpn
-    assert (mesh.shard.size, mesh.replicate.size) == (m, R)
 
-    # 2a. lossless limit: top-k = chunk, base sgd -> SGD at lr² on the global mean gradient
+def _check_lossless_is_sgd(comm, seed: int) -> None:
+    from commrt.optim import FlexDeMo
+
+    P, rank = comm.size, comm.rank
+    mesh, _, _ = _multi_node_mesh(P)
     params = _params(seed + 1)
     ref_p = [p.detach().double().clone() for p in params]
     opt = FlexDeMo(params, lr=LR, mesh=mesh, base="sgd", compression_topk=CHUNK,
@@ -86,8 +105,13 @@ def _flexdemo_worker(seed: int) -> None:
             torch.testing.assert_close(params[i].detach().double(), ref_p[i], rtol=1e-5,
                                        atol=1e-6)
 
-    # 2b. sign and AdamW bases, 8-bit values: identical parameters on every rank after every
-    #     step; wire bytes per kind match the docstring formula.
+
+def _check_replicas_and_wire_bytes(comm, seed: int) -> None:
+    from commrt import transports as T
+    from commrt.optim import FlexDeMo
+
+    P, rank, total = comm.size, comm.rank, TOTAL
+    mesh, m, R = _multi_node_mesh(P)
     per_rank = math.ceil(total / (m * CHUNK)) * CHUNK
     N = m * per_rank
     for base, value_bits in (("sign", 32), ("adamw", 8)):
@@ -100,7 +124,7 @@ def _flexdemo_worker(seed: int) -> None:
         for step in range(3):
             for p, s in zip(params, SHAPES):
                 p.grad = torch.randn(s, generator=torch.Generator().manual_seed(
-                    rank * 1000 + step))
+                    seed * 7919 + rank * 1000 + step))
             before = T.wire.snapshot()
             old = _flat(params)
             opt.step()
@@ -123,20 +147,30 @@ def _flexdemo_worker(seed: int) -> None:
                 moved = (now - old + old * LR * 0.01).abs()
                 assert ((moved - LR).abs() < 1e-5).logical_or(moved < 1e-6).all()
 
-    # 3. a process group that is not the mesh's, and DTensor/plain mixes, are refused
-    sub = comm.split(0 if rank < P // 2 else 1) if P > 1 else None
-    if sub is not None and P > 1:
-        try:
-            FlexDeMo(_params(0), lr=LR, mesh=mesh, process_group=sub)
-        except ValueError as exc:
-            assert "does not match the mesh" in str(exc)
-        else:
-            raise AssertionError("mismatched process group accepted")
+
+def _check_foreign_group_refused(comm, seed: int) -> None:
+    from commrt.optim import FlexDeMo
+
+    mesh, _, _ = _multi_node_mesh(comm.size)
+    sub = comm.split(0 if comm.rank < comm.size // 2 else 1)
+    with pytest.raises(ValueError, match="does not match the mesh"):
+        FlexDeMo(_params(seed), lr=LR, mesh=mesh, process_group=sub)
 
 
-@pytest.mark.parametrize("nprocs", [4, 6])
-def test_optim_flexdemo_multi_rank(nprocs):
-    run_ranks(_flexdemo_worker, nprocs, timeout=240, seed=nprocs)
+def _flexdemo_worker(seed: int) -> None:
+    from commrt import transports as T
+
+    comm = T.world()
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS}, comm, seed,
+               rank=comm.rank)
+
+
+launch = checks_fixture(_flexdemo_worker, WORLD_SIZES, timeout=240)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_flexdemo_multi_rank(launch, check):
+    assert_check(launch, check)
 
 
 def test_optim_flexdemo_bad_configuration():
