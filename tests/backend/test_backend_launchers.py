@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from harness import REPO_ROOT, launcher_free_env, mpi_env
+from harness import REPO_ROOT, finish_job, launcher_free_env, mpi_env, start_job
 
 from commrt.transports import pmi
 from commrt.transports.rendezvous import PMI_STORE_KEY, network_identity, pmi_bootstrap
@@ -29,20 +28,11 @@ WORKER = str(Path(__file__).parents[1] / "support" / "worker_launcher.py")
 
 
 def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env or launcher_free_env(), cwd=str(REPO_ROOT),
-                            start_new_session=True)
+    return start_job(args, env or launcher_free_env())
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240.0) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(
-            f"the job hung (killed after {timeout} s):\n{out[-6000:]}") from None
-    return proc.returncode, out
+    return finish_job(proc, timeout, "the job")
 
 
 def _run(args: list[str], env: dict[str, str] | None = None, timeout: float = 240.0) -> str:

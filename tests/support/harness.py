@@ -62,9 +62,9 @@ from typing import Any
 
 from commrt.transports import mpirun_executable
 
-__all__ = ["REPO_ROOT", "SEED_ENV", "Launch", "assert_check", "checks_fixture", "fresh_seed",
-           "gather_rows", "generator", "launcher_free_env", "mpi_env", "mpirun_executable",
-           "run_checks", "run_ranks", "run_ranks_status"]
+__all__ = ["REPO_ROOT", "SEED_ENV", "Launch", "assert_check", "checks_fixture", "finish_job",
+           "fresh_seed", "gather_rows", "generator", "launcher_free_env", "mpi_env",
+           "mpirun_executable", "run_checks", "run_ranks", "run_ranks_status", "start_job"]
 
 WORKER = Path(__file__).with_name("worker_mpi.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -159,17 +159,27 @@ def run_ranks_status(fn: Callable[..., Any], nprocs: int, *, timeout: float = 18
     module_file = Path(sys.modules[fn.__module__].__file__).resolve()
     cmd = [mpirun_executable(), "-n", str(nprocs), sys.executable, str(WORKER),
            str(module_file), fn.__name__, json.dumps(kwargs)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=mpi_env(env), cwd=str(REPO_ROOT), start_new_session=True,
-                            text=True)
+    return finish_job(start_job(cmd, mpi_env(env)), timeout,
+                      f"{fn.__name__} on {nprocs} ranks{_seed_note(kwargs.get('seed'))}")
+
+
+def start_job(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start a job (mpirun, torchrun, a script) from the repository root in its own process
+    group, so that `finish_job` can kill all of it; stdout and stderr together."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            cwd=str(REPO_ROOT), start_new_session=True, text=True)
+
+
+def finish_job(proc: subprocess.Popen, timeout: float, what: str) -> tuple[int, str]:
+    """Wait for a `start_job` job: (exit status, output). A job that outlives `timeout` is
+    killed with its whole process group and fails the test (a hang is a failure)."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(
-            f"{fn.__name__} on {nprocs} ranks timed out after {timeout:.0f}s (a hang is a "
-            f"failure){_seed_note(kwargs.get('seed'))}; output:\n{out[-8000:]}") from None
+        raise AssertionError(f"{what} timed out after {timeout:.0f}s (a hang is a failure);"
+                             f" output:\n{out[-8000:]}") from None
     return proc.returncode, out
 
 
