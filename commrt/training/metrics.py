@@ -213,11 +213,22 @@ class Progress:
             sys.stdout.flush()
 
 
-def write_plot(records: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+def pyplot(required: bool = True) -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed). Without
+    matplotlib (the `plot` extra): ModuleNotFoundError, or None when not `required`."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        if required:
+            raise
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def write_plot(records: list[dict], path: Path, title: str) -> None:
+    plt = pyplot()
     fig, (ax_time, ax_wire) = plt.subplots(1, 2, figsize=(11, 4))
     train = [r for r in records if r.get("loss") is not None]
     val = [r for r in records if r.get("val_loss") is not None]

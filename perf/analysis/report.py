@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from commrt.training.metrics import pyplot
 from perf.analysis import model as ab
 
 BASELINES = ("mpi4py", "dense", "commrt-dense", "torch")
@@ -218,9 +219,7 @@ def model_section(records: list[dict], holdout_links: list[str] = ()) -> tuple[s
 def _plot_collectives(records: list[dict], plot_dir: Path) -> list[Path]:
     """One figure per (bench, op, link): busbw against size, a line per implementation and
     world size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     for (bench, op, link), recs in _group(
@@ -253,9 +252,7 @@ def _plot_collectives(records: list[dict], plot_dir: Path) -> list[Path]:
 def _plot_model(checks: list[dict], plot_dir: Path) -> Path | None:
     if not checks:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 5))
     xs = [c["measured_us"] for c in checks]

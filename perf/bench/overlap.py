@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from commrt.optim.base import TrainingMethod
+from commrt.training.metrics import pyplot
 from perf.infra.launch import RESULTS_DIR
 
 METHODS = ("ddp", "zero1", "dpu", "acco", "cdp-v1", "cdp-v2")
@@ -258,12 +259,8 @@ def _table(run: dict) -> str:
 
 
 def _plot(runs: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from commrt.training.metrics import pyplot
 from perf.infra.units import comma_list, parse_sizes
 from perf.infra.workers import (
     add_driver_arguments,
@@ -204,12 +205,8 @@ def markdown(records: list[dict[str, Any]], header: str) -> str:
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         return False
     panels = sorted({(r["link"], r["world_size"], r["n"]) for r in records})
     if not panels:

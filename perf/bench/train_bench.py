@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from commrt.optim.registry import METHODS
+from commrt.training.metrics import pyplot
 from perf.infra.launch import launch_mpi
 from perf.infra.netem import LinkUnavailable
 
@@ -144,9 +145,7 @@ def plot(results: dict[str, dict], target: float | None, path: Path, title: str)
     curves = {m: r["val_curve"] for m, r in results.items() if r.get("val_curve")}
     if not curves:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, curve in curves.items():
