@@ -33,14 +33,14 @@ from .rendezvous import (
     pmi_bootstrap,
 )
 from .request import Request, wait_all
-from .wakeup import Wakeup, oversubscribed
+from .wakeup import Wakeup, oversubscribed, usable_cores
 
 __all__ = [
     "ANY_SOURCE", "ANY_TAG", "Communicator", "FlatLayout", "Request", "WireCounter", "cuda_aware",
     "flatten", "for_group", "install_abort_on_error", "install_env_rendezvous", "launched_by_mpi",
     "library_version",
     "mpi_started", "mpi_tcp_store", "mpirun_executable", "oversubscribed", "pmi_bootstrap",
-    "snapshot_delta", "unflatten_into", "unflatten_views", "Wakeup",
+    "snapshot_delta", "unflatten_into", "unflatten_views", "usable_cores", "Wakeup",
     "wait_all", "wire", "world",
 ]
 

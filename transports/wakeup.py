@@ -22,11 +22,17 @@ def oversubscribed(env: Any = None, cores: int | None = None) -> bool:
     env = os.environ if env is None else env
     local = next((env[k] for k in LOCAL_RANKS_ENV if k in env), "")
     if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
+        cores = usable_cores()
     return not local.isdigit() or int(local) > cores
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; the machine's count where the
+    platform has no affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class Wakeup:

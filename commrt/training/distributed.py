@@ -85,10 +85,6 @@ def set_threads(requested: int, comm) -> int:
         local.free()
         hosts = comm.allgather_object(socket.gethostname())
         same_host = hosts.count(socket.gethostname())
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        threads = max(1, cores // max(shared_memory_ranks, same_host))
+        threads = max(1, T.usable_cores() // max(shared_memory_ranks, same_host))
     torch.set_num_threads(threads)
     return threads
