@@ -8,6 +8,7 @@ waits on, so communication advances while the caller computes.
 """
 from __future__ import annotations
 
+import _thread
 import collections
 import threading
 import time
@@ -22,6 +23,7 @@ from .buffers import Staged
 from .wakeup import Wakeup
 
 _monotonic = time.monotonic
+_RLock = _thread.RLock  # (threading.RLock is a Python wrapper around it: 2x the cost)
 
 
 class _Progress:
@@ -211,7 +213,7 @@ class Request:
         self._buffers = buffers
         self._callbacks: list | None = None
         self._done = False
-        self._lock = threading.RLock()
+        self._lock = _RLock()
         self._status = status and len(reqs) == 1
         # (MPI request, result buffer, what this rank sent, (slots, index) or None) of a
         # posted agreement check.

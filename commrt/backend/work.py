@@ -215,7 +215,8 @@ class CommrtWork(dist._Work):
                             self._disagreed()
                             return True
                     for req in self.requests:
-                        if not self._block(req, waiter):
+                        # (the check's request carries the data too: complete already)
+                        if req is not check and not self._block(req, waiter):
                             return True
                 finally:
                     waiter.work = outer

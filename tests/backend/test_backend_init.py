@@ -36,3 +36,29 @@ def test_backend_launcher_detection(monkeypatch) -> None:
     assert not debug_detail()
     monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "detail")
     assert debug_detail()
+
+
+def test_reduction_lookup_keys_on_the_op_hash() -> None:
+    """The backend's reduction cache keys on hash(ReduceOp): c10d's ReduceOp and its
+    RedOpType must hash to the op's value, or two reductions would share an entry."""
+    import pytest
+    import torch
+
+    from commrt.backend.validation import REDUCTIONS, reduction
+
+    red = dist.ReduceOp
+    for kind, name in REDUCTIONS.items():
+        assert hash(red(kind)) == hash(kind) == kind.value
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = red(kind)
+        dtype = torch.int32 if name.startswith("b") else torch.float64
+        assert reduction(opts, dtype, "all_reduce") == (name, kind == red.AVG)
+    assert reduction(None, torch.float32, "all_reduce") == ("sum", False)
+    with pytest.raises(ValueError, match="not supported"):
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist._make_nccl_premul_sum(2.0)
+        reduction(opts, torch.float32, "all_reduce")
+    with pytest.raises(ValueError, match="bitwise"):
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = red.BAND
+        reduction(opts, torch.float32, "all_reduce")
