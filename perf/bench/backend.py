@@ -22,11 +22,12 @@ with ``--layers``, mpi4py's non-blocking call + Wait, the commrt transport's req
 wait, i.e. the backend minus torch.distributed and the process group, and the floor: the
 same torch.distributed call on a Python ProcessGroup that only posts mpi4py's non-blocking
 call and returns a Work that waits on it, no checks, no timeouts, what any backend written
-in Python pays), each loop
-started by a barrier and timed as its slowest rank; ``--rounds`` rounds alternate
-A B, B A, A B, ... so load changes on a shared machine hit both alike and neither
-always runs first. Reported: the medians over
-rounds of each loop's per-call time, the per-call overhead = median over rounds of
+in Python pays; and the floor plus the agreement check and a wait the watchdog could end,
+what a Python backend meeting the issue's mismatch and timeout requirements pays at the
+least: `floor_group`), each loop started by a barrier and timed as its slowest rank;
+``--rounds`` rounds alternate A B, B A, A B, ... so load changes on a shared machine hit
+both alike and neither always runs first. Reported: the medians over rounds of each
+loop's per-call time, the per-call overhead = median over rounds of
 (backend - raw), the throughput ratio = median over rounds of raw/backend, and the CPU
 time per call of the calling thread (slowest rank; less sensitive to other jobs' load
 than wall time). The issue's targets (2 ranks, shm): overhead <= 10 us at <= 4 KiB and
@@ -109,12 +110,23 @@ def _layer_calls(op: str, b: Any) -> dict[str, Callable[[], None]]:
             "transport": lambda: world.ibroadcast(b.out, 0).wait()}
 
 
-def floor_group() -> Any:
+def floor_group(checked: bool = False) -> Any:
     """A torch.distributed group on the floor backend (see the module docstring): each op
     is one mpi4py non-blocking call on the caller's buffers, float32 SUM only; its Work
-    waits on that request and nothing else."""
+    waits on that request and nothing else.
+
+    `checked`: the floor plus what the issue asks of every call and nothing else: the
+    cross-rank agreement check (the op's signature, encoded once per signature, in one of
+    the transport's persistent MAX-allreduce slots started just before the data) and a
+    wait the timeout watchdog could end (the transport's Wakeup: MPI_Waitany with a
+    wake-up receive), the check examined first. No wire counts, background progress,
+    sequence numbers, coalescing, future ordering or dtype/reduction tables."""
     import torch.distributed as dist
     from mpi4py import MPI
+
+    from commrt.transports.agreement import encode_signature
+    from commrt.transports.request import CheckSlots
+    from commrt.transports.wakeup import Wakeup
 
     class FloorWork(dist._Work):
         __slots__ = ("request",)
@@ -127,6 +139,24 @@ def floor_group() -> Any:
             self.request.Wait()
             return True
 
+    class CheckedWork(dist._Work):
+        __slots__ = ("request", "check")
+
+        def __init__(self, request: Any, check: tuple) -> None:
+            super().__init__()
+            self.request, self.check = request, check
+
+        def wait(self, timeout: Any = None) -> bool:
+            wakeup = Wakeup.of_thread()
+            check_request, result, sent, _ = self.check
+            if not wakeup.wait(check_request):
+                raise RuntimeError("woken")
+            if result != sent:
+                raise ValueError("the ranks disagree")
+            if not wakeup.wait(self.request):
+                raise RuntimeError("woken")
+            return True
+
     def buf(t: Any) -> list:
         # No count: mpi4py derives it, per rank for the gathered and scattered side.
         return [MPI.buffer.fromaddress(t.data_ptr(), 4 * t.numel()), MPI.FLOAT]
@@ -135,26 +165,45 @@ def floor_group() -> Any:
         def __init__(self, rank: int, size: int) -> None:
             super().__init__(rank, size)
             self.comm = MPI.COMM_WORLD.Dup()
+            self.slots = CheckSlots(self.comm) if checked else None
+            self.encoded: dict[tuple, bytes] = {}
 
         def getBackendName(self) -> str:
             return "floor"
 
-        def allreduce(self, tensors: list, opts: Any = None) -> FloorWork:
-            return FloorWork(self.comm.Iallreduce(MPI.IN_PLACE, buf(tensors[0]), MPI.SUM))
+        def _work(self, signature: tuple, post: Callable[[], Any]) -> Any:
+            if self.slots is None:
+                return FloorWork(post())
+            sent = self.encoded.get(signature)
+            if sent is None:
+                sent = self.encoded[signature] = encode_signature(signature).tobytes()
+            check = self.slots.start(sent)
+            return CheckedWork(post(), check)
 
-        def all_gather_single(self, out: Any, inp: Any, opts: Any = None) -> FloorWork:
-            return FloorWork(self.comm.Iallgather(buf(inp), buf(out)))
+        def allreduce(self, tensors: list, opts: Any = None) -> Any:
+            t = tensors[0]
+            return self._work(("all_reduce", t.numel(), t.dtype), lambda: self.comm.Iallreduce(
+                MPI.IN_PLACE, buf(t), MPI.SUM))
 
-        def reduce_scatter_single(self, out: Any, inp: Any, opts: Any = None) -> FloorWork:
-            return FloorWork(self.comm.Ireduce_scatter_block(buf(inp), buf(out), MPI.SUM))
+        def all_gather_single(self, out: Any, inp: Any, opts: Any = None) -> Any:
+            return self._work(("all_gather", inp.numel(), inp.dtype),
+                              lambda: self.comm.Iallgather(buf(inp), buf(out)))
 
-        def broadcast(self, tensors: list, opts: Any = None) -> FloorWork:
-            return FloorWork(self.comm.Ibcast(buf(tensors[0]), root=opts.rootRank))
+        def reduce_scatter_single(self, out: Any, inp: Any, opts: Any = None) -> Any:
+            return self._work(("reduce_scatter", out.numel(), out.dtype),
+                              lambda: self.comm.Ireduce_scatter_block(buf(inp), buf(out),
+                                                                      MPI.SUM))
 
-    if "floor" not in dist.Backend.backend_list:
-        dist.Backend.register_backend("floor", lambda store, rank, size, timeout:
+        def broadcast(self, tensors: list, opts: Any = None) -> Any:
+            t, root = tensors[0], opts.rootRank
+            return self._work(("broadcast", t.numel(), t.dtype, root),
+                              lambda: self.comm.Ibcast(buf(t), root=root))
+
+    name = "floorcheck" if checked else "floor"
+    if name not in dist.Backend.backend_list:
+        dist.Backend.register_backend(name, lambda store, rank, size, timeout:
                                       FloorGroup(rank, size), devices=["cpu"])
-    return dist.new_group(backend="floor")
+    return dist.new_group(backend=name)
 
 
 def check_floor(floor: Any, rank: int, p: int) -> None:
@@ -194,8 +243,9 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
     comm = MPI.COMM_WORLD
     rank, p = comm.Get_rank(), comm.Get_size()
     records: list[dict] = []
-    floor = floor_group() if args.layers else None
-    if floor is not None:
+    floors = {"floor": floor_group(), "floor+check": floor_group(checked=True)} \
+        if args.layers else {}
+    for floor in floors.values():
         check_floor(floor, rank, p)
     for op in args.ops:
         for nbytes in args.sizes:
@@ -203,7 +253,7 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
             calls = {"mpi4py": raw_call(op, b), "commrt": torch_call(op, b, None)}
             if args.layers:
                 calls.update(_layer_calls(op, b))
-                calls["floor"] = torch_call(op, b, floor)
+                calls.update({k: torch_call(op, b, g) for k, g in floors.items()})
             iters = iterations(b.nbytes, args.budget_mb, args.min_iters, args.max_iters)
             for fn in calls.values():  # warm-up: MPICH's shm collectives switch in after a few
                 for _ in range(args.warmup):
@@ -273,7 +323,7 @@ def markdown_table(records: list[dict]) -> str:
             "CPU raw (us)", "CPU commrt (us)"]
     if layers:
         head[4:4] = ["mpi4py I*+Wait (us)", "transport (us)", "Python PG floor (us)",
-                     "floor overhead (us)"]
+                     "floor overhead (us)", "floor + check overhead (us)"]
     head.append("target")
     rows = []
     for (op, nbytes, impl), rec in by.items():
@@ -286,7 +336,8 @@ def markdown_table(records: list[dict]) -> str:
         if layers:
             row[4:4] = [f"{by[(op, nbytes, k)]['time_us']:.1f}"
                         for k in ("mpi4py-nb", "transport", "floor")]
-            row.insert(7, f"{by[(op, nbytes, 'floor')]['overhead_us']:+.1f}")
+            row[7:7] = [f"{by[(op, nbytes, k)]['overhead_us']:+.1f}"
+                        for k in ("floor", "floor+check")]
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

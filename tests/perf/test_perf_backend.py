@@ -23,7 +23,8 @@ def _run(tmp_path, *extra: str) -> tuple[str, list[dict]]:
 
 
 def _check(text: str, records: list[dict], ranks: list[int], layers: bool) -> None:
-    impls = {"mpi4py", "commrt"} | ({"mpi4py-nb", "transport", "floor"} if layers else set())
+    layer_impls = {"mpi4py-nb", "transport", "floor", "floor+check"}
+    impls = {"mpi4py", "commrt"} | (layer_impls if layers else set())
     seen = {(r["world_size"], r["op"], r["impl"]) for r in records}
     for p in ranks:
         assert f"## {p} ranks" in text
@@ -50,6 +51,7 @@ def test_perf_backend_launcher_layers(tmp_path):
     text, records = _run(tmp_path, "--ranks", "3", "--layers", "--launcher", mpirun_executable())
     _check(text, records, [3], layers=True)
     assert "transport (us)" in text and "Python PG floor (us)" in text
+    assert "floor + check overhead (us)" in text
 
 
 def test_perf_backend_launchers_compared(tmp_path):
