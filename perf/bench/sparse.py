@@ -13,6 +13,9 @@ shaped by tc, always deleted afterwards), and writes under --out:
                   compute_ms  median over iterations of the largest per-rank time spent
                               outside transport waits (local kernels, packing, Python;
                               the collectives' last["compute_s"]);
+                  cpu_ms      median over iterations of the largest per-rank CPU time of
+                              the calling thread (with more ranks than cores, compute_ms
+                              also counts the time a rank waits for its core);
                   wait_ms     time_ms - compute_ms: waiting on the link and on ranks;
                   link_ms     the wire bytes alone on the shaped link: every rank's bytes
                               over the rate (the flat emulation's loopback is one shared
@@ -38,7 +41,10 @@ candidate counts settle only after about 1/density calls, so pair it with a long
 
 The gradient is float32 random normal per rank; every algorithm is timed on the same data
 after --warmup calls (SparDL's adaptive h has settled by then); the cross-rank input check
-runs only on the first call.
+runs only on the first call. The points of one n run interleaved: each iteration calls
+every (algorithm, density) once, in reverse order every other iteration, so that a change
+in the machine's speed hits them alike (each keeps its own residual: memory grows with the
+number of points, n floats each).
 """
 from __future__ import annotations
 
@@ -86,6 +92,69 @@ def _make_reducer(algorithm: str, density: float, reuse: int):
     return SparseAllreduce(density, algorithm, reuse_steps=reuse)
 
 
+class Point:
+    """One (algorithm, density) of the sweep: its reducer, its residual, and per timed call
+    the wall time, the time outside transport waits, the calling thread's CPU time, the
+    wire bytes and messages, and how many top-k sites reused a threshold."""
+
+    def __init__(self, algorithm: str, density: float | None, reducer: Any,
+                 residual: Any) -> None:
+        self.algorithm, self.density = algorithm, density
+        self.reducer, self.residual = reducer, residual
+        self.times: list[float] = []
+        self.compute: list[float] = []
+        self.cpu: list[float] = []
+        self.wire: list[int] = []
+        self.msgs: list[int] = []
+        self.sites = self.reused = 0
+
+    def call(self, comm: Any, grad: Any, *, first: bool, timed: bool) -> None:
+        from commrt import transports as T
+
+        tensor = grad.clone()
+        comm.barrier()
+        before = T.wire.snapshot()
+        cpu_start = time.thread_time()
+        start = time.perf_counter()
+        self.reducer(tensor, self.residual, validate=first)
+        elapsed = time.perf_counter() - start
+        cpu = time.thread_time() - cpu_start
+        delta = T.snapshot_delta(T.wire.snapshot(), before)
+        if not timed:
+            return
+        self.times.append(elapsed)
+        self.compute.append(self.reducer.last["compute_s"])
+        self.cpu.append(cpu)
+        self.wire.append(sum(b for b, _ in delta.values()))
+        self.msgs.append(sum(m for _, m in delta.values()))
+        selection = self.reducer.last.get("selection", {}).values()
+        self.sites += len(selection)
+        self.reused += sum(site["reused"] for site in selection)
+
+    def record(self, comm: Any, n: int, args: argparse.Namespace) -> dict[str, Any]:
+        """The point's record (collective over `comm`): per iteration the slowest rank's
+        time, compute and CPU; medians over iterations."""
+        def slowest(values: list[float]) -> list[float]:
+            every = comm.allgather_object(values)
+            return [max(vs[i] for vs in every) for i in range(len(values))]
+        counts = comm.allgather_object((self.sites, self.reused))
+        sites_all = sum(c[0] for c in counts)
+        wire_all = comm.allgather_object(statistics.mean(self.wire))
+        return {
+            "world_size": comm.size, "n": n, "algorithm": self.algorithm,
+            "density": self.density,
+            "time_ms": 1e3 * statistics.median(slowest(self.times)),
+            "compute_ms": 1e3 * statistics.median(slowest(self.compute)),
+            "cpu_ms": 1e3 * statistics.median(slowest(self.cpu)),
+            "reuse_steps": args.reuse,
+            "reused": (sum(c[1] for c in counts) / sites_all) if sites_all else None,
+            "wire_bytes": statistics.mean(wire_all),
+            "wire_bytes_max": max(wire_all),
+            "messages_max": max(comm.allgather_object(max(self.msgs))),
+            "iters": args.iters,
+        }
+
+
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -98,56 +167,25 @@ def run_worker(args: argparse.Namespace) -> None:
     for n in args.sizes:
         g = torch.Generator().manual_seed(comm.rank)
         grad = torch.randn(n, generator=g)
-        for algorithm in args.algorithms:
-            if algorithm == "spardl2" and (P % 2 or P < 4):
-                continue
-            densities = [None] if algorithm in DENSITY_FREE else args.densities
-            for density in densities:
-                reducer = _make_reducer(algorithm, density or 1.0, args.reuse)
-                residual = torch.zeros(n)
-                times, compute, wire, msgs = [], [], [], []
-                sites = reused = 0
-                for it in range(args.warmup + args.iters):
-                    tensor = grad.clone()
-                    comm.barrier()
-                    before = T.wire.snapshot()
-                    start = time.perf_counter()
-                    reducer(tensor, residual, validate=it == 0)
-                    elapsed = time.perf_counter() - start
-                    delta = T.snapshot_delta(T.wire.snapshot(), before)
-                    if it >= args.warmup:
-                        times.append(elapsed)
-                        compute.append(reducer.last["compute_s"])
-                        wire.append(sum(b for b, _ in delta.values()))
-                        msgs.append(sum(m for _, m in delta.values()))
-                        selection = reducer.last.get("selection", {}).values()
-                        sites += len(selection)
-                        reused += sum(site["reused"] for site in selection)
-                # the collective's time is the slowest rank's; so is its compute
-                slowest = comm.allgather_object(times)
-                per_iter = [max(ts[i] for ts in slowest) for i in range(len(times))]
-                computes = comm.allgather_object(compute)
-                compute_iter = [max(cs[i] for cs in computes) for i in range(len(times))]
-                counts = comm.allgather_object((sites, reused))
-                sites_all = sum(c[0] for c in counts)
-                wire_all = comm.allgather_object(statistics.mean(wire))
-                msgs_all = comm.allgather_object(max(msgs))
-                records.append({
-                    "world_size": P, "n": n, "algorithm": algorithm, "density": density,
-                    "time_ms": 1e3 * statistics.median(per_iter),
-                    "compute_ms": 1e3 * statistics.median(compute_iter),
-                    "reuse_steps": args.reuse,
-                    "reused": (sum(c[1] for c in counts) / sites_all) if sites_all else None,
-                    "wire_bytes": statistics.mean(wire_all),
-                    "wire_bytes_max": max(wire_all), "messages_max": max(msgs_all),
-                    "iters": args.iters,
-                })
-                if comm.rank == 0:
-                    r = records[-1]
-                    print(f"P={P} n={format_size(n)} {algorithm} density={density} "
-                          f"{r['time_ms']:.1f} ms (compute {r['compute_ms']:.1f} ms) "
-                          f"{r['wire_bytes'] / 1e6:.3f} MB", flush=True)
-                del residual
+        # Every (algorithm, density) point of this n, each with its reducer and residual;
+        # timed interleaved, one call of each per iteration (the order reversed every other
+        # iteration), so that the machine's phases hit them alike.
+        points = [Point(algorithm, density, _make_reducer(algorithm, density or 1.0, args.reuse),
+                        torch.zeros(n))
+                  for algorithm in args.algorithms
+                  if not (algorithm == "spardl2" and (P % 2 or P < 4))
+                  for density in ([None] if algorithm in DENSITY_FREE else args.densities)]
+        for it in range(args.warmup + args.iters):
+            for point in (points if it % 2 == 0 else points[::-1]):
+                point.call(comm, grad, first=it == 0, timed=it >= args.warmup)
+        for point in points:
+            records.append(point.record(comm, n, args))
+            if comm.rank == 0:
+                r = records[-1]
+                print(f"P={P} n={format_size(n)} {point.algorithm} density={point.density} "
+                      f"{r['time_ms']:.1f} ms (compute {r['compute_ms']:.1f} ms, CPU "
+                      f"{r['cpu_ms']:.1f} ms) {r['wire_bytes'] / 1e6:.3f} MB", flush=True)
+        del points
     if comm.rank == 0:
         Path(args.json).write_text(json.dumps(records))
 
@@ -183,10 +221,11 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
 
 def markdown(records: list[dict[str, Any]], header: str) -> str:
     lines = [header, "",
-             "| link | P | n | algorithm | density | time (ms) | compute (ms) | wait (ms) | "
+             "| link | P | n | algorithm | density | time (ms) | compute (ms) | CPU (ms) | "
+             "wait (ms) | "
              "link bytes (ms) | shm (ms) | reused | wire MB/rank | messages | "
              "speedup vs dense | bytes vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {a: i for i, a in enumerate(ALGORITHMS)}
     for r in sorted(records, key=lambda r: (r["link"], r["world_size"], r["n"],
                                             order[r["algorithm"]], r["density"] or 0)):
@@ -198,7 +237,8 @@ def markdown(records: list[dict[str, Any]], header: str) -> str:
         reused = f"{100 * r['reused']:.0f}%" if r.get("reused") is not None else "-"
         lines.append(f"| {r['link']} | {r['world_size']} | {format_size(r['n'])} | "
                      f"{r['algorithm']} | {dens} | {r['time_ms']:.1f} | "
-                     f"{r['compute_ms']:.1f} | {r['wait_ms']:.1f} | {link} | {shm} | "
+                     f"{r['compute_ms']:.1f} | {r['cpu_ms']:.1f} | {r['wait_ms']:.1f} | "
+                     f"{link} | {shm} | "
                      f"{reused} | {r['wire_bytes'] / 1e6:.3f} | {r['messages_max']} | "
                      f"{sp} | {br} |")
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ def test_sparse_perf_script_tiny(tmp_path):
     for r in records:
         assert 0 < r["compute_ms"] <= r["time_ms"] + 1e-9, r
         assert abs(r["wait_ms"] - (r["time_ms"] - r["compute_ms"])) < 1e-9, r
+        assert 0 < r["cpu_ms"] <= 1.01 * r["time_ms"] + 0.01, r  # a thread: CPU <= wall
         assert r["link_ms"] is None and r["shm_ms"] == r["time_ms"], r    # on shm
         assert r["reuse_steps"] == 3
         if r["algorithm"] in ("dense", "quant8"):
@@ -35,6 +36,6 @@ def test_sparse_perf_script_tiny(tmp_path):
         else:
             assert 0.0 <= r["reused"] <= 1.0, r
     table = (out / "sparse.md").read_text()
-    assert "| compute (ms) | wait (ms) | link bytes (ms) | shm (ms) | reused |" in table
+    assert "| compute (ms) | CPU (ms) | wait (ms) | link bytes (ms) | shm (ms) | reused |" in table
     assert "| shm | 2 | 4K | spardl | 1% |" in table
     assert (out / "sparse.png").stat().st_size > 0
