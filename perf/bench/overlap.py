@@ -48,6 +48,9 @@ from typing import Any
 from commrt.optim.base import TrainingMethod
 from commrt.training.metrics import pyplot
 from perf.infra.launch import RESULTS_DIR
+from perf.infra.workers import add_driver_arguments, dispatch, run_worker_job, write_json
+
+MODULE = "perf.bench.overlap"
 
 METHODS = ("ddp", "zero1", "dpu", "acco", "cdp-v1", "cdp-v2")
 BASELINE = {"dpu": "zero1", "acco": "zero1", "cdp-v1": "ddp", "cdp-v2": "ddp"}
@@ -196,8 +199,7 @@ def worker(args) -> None:
             memory["staggered" if stagger else "lockstep"] = method.stats()[
                 "peak_activation_bytes"]
     if r == 0:
-        print("OVERLAP_RESULT " + json.dumps({"nprocs": P, "methods": results,
-                                               "activation_bytes": memory}), flush=True)
+        write_json(args.json, {"nprocs": P, "methods": results, "activation_bytes": memory})
 
 
 def _compute_only_step_s(name, config, args, data, comm, real_stats, loss_fn) -> float:
@@ -278,9 +280,8 @@ def _plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nprocs", type=int, nargs="+", default=[4, 8])
     p.add_argument("--links", nargs="+", default=["shm", "1gbit"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -298,18 +299,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--twin", action="store_true",
                    help="also time each method on a one-rank communicator (compute-only twin)")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", default=str(RESULTS_DIR / "overlap"))
+    add_driver_arguments(p, timeout=900, out=str(RESULTS_DIR / "overlap"),
+                         out_help="folder of overlap.md, overlap.json and overlap.png")
     args = p.parse_args(argv)
-    if args.worker:
-        worker(args)
-        return
+    return dispatch(args, worker, run_driver)
+
+
+def run_driver(args: argparse.Namespace) -> int:
+    """One job per (link, world size); the tables, JSON and plot of those that ran. Exit
+    status 1 when a job failed."""
     from perf.infra.launch import launch_mpi
     from perf.infra.netem import LinkUnavailable
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    passthrough = ["--worker", "--methods", *args.methods, "--steps", str(args.steps),
+    passthrough = ["--methods", *args.methods, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--preset", args.preset,
                    "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd),
                    "--block-size", str(args.block_size), "--batch-size", str(args.batch_size),
@@ -319,27 +323,27 @@ def main(argv: list[str] | None = None) -> None:
         passthrough.append("--no-memory")
     if args.twin:
         passthrough.append("--twin")
-    runs = []
+    runs: list[dict] = []
+    failures: list[str] = []
     for link in args.links:
         for nprocs in args.nprocs:
             t0 = time.time()
             try:
-                proc = launch_mpi(nprocs, "perf.bench.overlap", passthrough, link=link,
-                                  timeout=args.timeout, check=False)
+                run = run_worker_job(
+                    lambda worker_args, link=link, nprocs=nprocs: launch_mpi(
+                        nprocs, MODULE, worker_args, link=link, timeout=args.timeout,
+                        check=False),
+                    passthrough, f"{link} x{nprocs}", failures)
             except LinkUnavailable as exc:
                 print(f"skip {link}: {exc}", file=sys.stderr)
                 continue
-            line = [x for x in proc.stdout.splitlines() if x.startswith("OVERLAP_RESULT ")]
-            if proc.returncode != 0 or not line:
-                print(f"{link} x{nprocs} failed (exit {proc.returncode}):\n"
-                      f"{proc.stderr[-4000:]}", file=sys.stderr)
+            if run is None:
                 continue
-            run = json.loads(line[-1][len("OVERLAP_RESULT "):])
             run["link"] = link
             run["wall_s"] = time.time() - t0
             runs.append(run)
             print(_table(run) + "\n", flush=True)
-            (out / "overlap.json").write_text(json.dumps(runs, indent=1))
+            write_json(out / "overlap.json", runs)
     load = os.getloadavg()[0]
     header = ["# Overlap benchmark (perf/bench/overlap.py)", "",
               f"Machine: {socket.gethostname()}, {os.cpu_count()} cores, load average "
@@ -350,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
               "step, means over ranks. See the module docstring for the definitions.", ""]
     (out / "overlap.md").write_text("\n".join(header + [_table(r) + "\n" for r in runs]))
     _plot(runs, out / "overlap.png")
+    write_json(args.json, runs)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

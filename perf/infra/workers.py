@@ -1,4 +1,4 @@
-"""The driver/worker pattern of the MPI benchmarks (perf/bench/backend.py, perf/bench/sparse.py).
+"""The driver/worker pattern of the MPI benchmarks (perf/bench/backend.py, sparse.py, overlap.py).
 
 One module is both. Run plainly it is the *driver*: it launches ``mpirun`` jobs of the same
 module with ``--worker --json FILE``, collects what rank 0 of each job wrote to FILE, and
