@@ -36,8 +36,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from perf.bench.train_bench import HYBRID, aedit_rounds, plot, run_training, time_to_target
-from perf.infra.netem import LinkUnavailable
+from perf.bench.train_bench import (
+    HYBRID,
+    aedit_rounds,
+    plot,
+    run_methods,
+    run_training,
+    time_to_target,
+)
 
 METHODS = ("ddp", "demo", "flexdemo", "edit", "aedit")
 
@@ -189,13 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    try:
-        for method in methods:
-            results[method] = run_method(method, args, out)
-    except LinkUnavailable as exc:
-        print(f"perf.bench.methods: {exc} (rerun with --link shm)", file=sys.stderr)
-        raise SystemExit(2) from None
+    results = run_methods(methods, args, out, run_method, "perf.bench.methods",
+                          " (rerun with --link shm)")
     judge(results)
     target = results.get("ddp", {}).get("final_val_loss")
     png = plot(results, target, out / "loss_vs_wall.png",

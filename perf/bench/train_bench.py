@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,21 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, An
     return entry
 
 
+def run_methods(methods: list[str], args: argparse.Namespace, out: Path,
+                run: Callable[[str, argparse.Namespace, Path], dict[str, Any]],
+                prog: str, hint: str = "") -> dict[str, dict]:
+    """{method: run(method, args, out)} for every method in turn; a link that cannot be
+    emulated ends the program (exit status 2, naming `prog`, with `hint`)."""
+    results: dict[str, dict] = {}
+    try:
+        for method in methods:
+            results[method] = run(method, args, out)
+    except LinkUnavailable as exc:
+        print(f"{prog}: {exc}{hint}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return results
+
+
 def plot(results: dict[str, dict], target: float | None, path: Path, title: str) -> Path | None:
     curves = {m: r["val_curve"] for m, r in results.items() if r.get("val_curve")}
     if not curves:
@@ -228,13 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         args.train_args = ["--corpus-bytes", str(1 << 18), *args.train_args]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    try:
-        for method in methods:
-            results[method] = run_method(method, args, out)
-    except LinkUnavailable as exc:
-        print(f"perf.bench.train_bench: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    results = run_methods(methods, args, out, run_method, "perf.bench.train_bench")
     target = args.target_loss if args.target_loss is not None else default_target(results)
     rule = ("given" if args.target_loss is not None
             else "95% of ddp's improvement" if "ddp" in results and results["ddp"].get("val_curve")
