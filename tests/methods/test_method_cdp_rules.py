@@ -1,9 +1,10 @@
-"""CDP under mpirun: v1 equals data parallelism with a one-step-delayed gradient (plain,
-sharded, several staggered workers per device), v2 applies the fresh or delayed mean
-gradient per stage exactly by the rule for each rank, and staggering the workers of one
-device lowers the peak activation memory."""
+"""CDP under mpirun, each rule a check of its own (one launch per world size, fresh
+batches per launch): v1 equals data parallelism with a one-step-delayed gradient (plain,
+sharded, several staggered workers per device) with the ring's wire bytes, v2 applies the
+fresh or delayed mean gradient per stage exactly by the rule for each rank, and staggering
+the workers of one device lowers the peak activation memory."""
 import pytest
-from harness import run_ranks
+from harness import assert_check, checks_fixture, generator, run_checks
 
 K = 3
 
@@ -17,10 +18,13 @@ def _model(width: int = 6):
                          nn.Linear(width, 5), nn.Tanh(), nn.Linear(5, 2)).double()
 
 
+_seed = 0  # the launch's fresh seed, set by the worker (one process per rank)
+
+
 def _batch(rank: int, step: int, worker: int, rows: int = 3):
     import torch
 
-    g = torch.Generator().manual_seed(1_000_000 * rank + 1000 * step + worker)
+    g = generator(_seed, "batch", rank, step, worker)
     return (torch.randn(rows, 4, generator=g, dtype=torch.float64),
             torch.randn(rows, 2, generator=g, dtype=torch.float64))
 
@@ -102,85 +106,120 @@ def _params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _cdp_worker(steps: int) -> None:
+STEPS = 4
+WORLD_SIZES = [2, 3, 4]
+# (sharded, optimizer, given as a factory) of the v1 checks: plain; sharded with the given
+# optimizer re-pointed at the masters (AdamW); sharded with a factory (SGD with momentum)
+V1 = {"v1_plain": (False, "_sgd", False), "v1_sharded_adamw": (True, "_adamw", False),
+      "v1_sharded_factory": (True, "_sgd", True)}
+CHECKS = [*V1, "v1_staggered_workers", "v2_rule_per_rank"]
+
+
+def _run(method, comm, W: int, rows: int = 3):
+    for t in range(STEPS):
+        feed = iter(_batch(comm.rank, t, w, rows) for w in range(W))
+        loss = method.step(lambda f=feed: next(f), _loss)
+        assert loss == loss
+    return method
+
+
+def _check_v1(comm, sharded: bool, make_opt, factory: bool) -> None:
+    """v1 equals DP with a one-step-delayed gradient; the ring's wire bytes."""
     import torch
 
     from commrt import transports as T
     from commrt.collectives.cyclic import expected_wire_bytes
     from commrt.optim import CDP
 
-    comm = T.world()
     P, r = comm.size, comm.rank
+    model = _model()
+    before = T.wire.snapshot()
+    opt = make_opt if factory else make_opt(model.parameters())
+    method = _run(CDP(model, opt, stages=K, rule="v1", process_group=comm, sharded=sharded),
+                  comm, 1)
+    want = _delayed_dp_reference(P, STEPS, 1, make_opt)
+    method.state_dict()  # completes what is in flight (collective), keeps parameters
+    torch.testing.assert_close(_params(model), _params(want), rtol=1e-10, atol=1e-12)
+    for other in comm.allgather_object(_params(model)):
+        assert torch.equal(other, _params(model)), "ranks differ"
+    sent = T.snapshot_delta(T.wire.snapshot(), before)
+    kinds = {k for k in sent if k.startswith("cdp_") and k != "cdp_init"}
+    expect = {"cdp_reduce_scatter", "cdp_allgather"} if sharded else {"cdp_allreduce"}
+    assert P == 1 or kinds == expect, sent
+    # the ring's formula: one gradient ring per step (the last one completed by
+    # state_dict), one parameter ring per update when sharded
+    numels = method.stage_numel
+    if sharded:
+        want_bytes = {"cdp_reduce_scatter": STEPS * expected_wire_bytes(
+            numels, 8, r, P, "reduce_scatter"), "cdp_allgather": (STEPS - 1) *
+            expected_wire_bytes(numels, 8, r, P, "allgather")}
+    else:
+        want_bytes = {"cdp_allreduce": STEPS * expected_wire_bytes(numels, 8, r, P)}
+    for k, b in want_bytes.items():
+        assert sent.get(k, (0, 0))[0] == b, (k, sent, b)
+    s = method.stats()
+    assert s["steps"] == STEPS and 0.0 <= s["overlap_fraction"] <= 1.0
+    if P > 1:
+        assert s["peak_in_flight_bytes"] > 0 and s["ring_bytes"] > 0
 
-    def run(method, W, rows=3):
-        for t in range(steps):
-            feed = iter(_batch(r, t, w, rows) for w in range(W))
-            loss = method.step(lambda f=feed: next(f), _loss)
-            assert loss == loss
-        return method
 
-    def same_on_all_ranks(model, what):
-        for other in comm.allgather_object(_params(model)):
-            assert torch.equal(other, _params(model)), f"{what}: ranks differ"
+def _check_v1_staggered_workers(comm) -> None:
+    """Several workers per device, staggered and not: the same result, and staggering
+    lowers the peak activation memory."""
+    import torch
 
-    # v1, plain and sharded, equals DP with a one-step-delayed gradient. Sharded: the given
-    # optimizer re-pointed at the masters (AdamW), or a factory (SGD with momentum).
-    for sharded, make_opt, factory in ((False, _sgd, False), (True, _adamw, False),
-                                       (True, _sgd, True)):
-        model = _model()
-        before = T.wire.snapshot()
-        opt = make_opt if factory else make_opt(model.parameters())
-        method = run(CDP(model, opt, stages=K, rule="v1", process_group=comm,
-                         sharded=sharded), 1)
-        want = _delayed_dp_reference(P, steps, 1, make_opt)
-        method.state_dict()  # completes what is in flight (collective), keeps parameters
-        torch.testing.assert_close(_params(model), _params(want), rtol=1e-10, atol=1e-12)
-        same_on_all_ranks(model, f"v1 sharded={sharded} factory={factory}")
-        sent = T.snapshot_delta(T.wire.snapshot(), before)
-        kinds = {k for k in sent if k.startswith("cdp_") and k != "cdp_init"}
-        expect = {"cdp_reduce_scatter", "cdp_allgather"} if sharded else {"cdp_allreduce"}
-        assert P == 1 or kinds == expect, sent
-        # the ring's formula: one gradient ring per step (the last one completed by
-        # state_dict), one parameter ring per update when sharded
-        numels = method.stage_numel
-        if sharded:
-            want_bytes = {"cdp_reduce_scatter": steps * expected_wire_bytes(
-                numels, 8, r, P, "reduce_scatter"), "cdp_allgather": (steps - 1) *
-                expected_wire_bytes(numels, 8, r, P, "allgather")}
-        else:
-            want_bytes = {"cdp_allreduce": steps * expected_wire_bytes(numels, 8, r, P)}
-        for k, b in want_bytes.items():
-            assert sent.get(k, (0, 0))[0] == b, (k, sent, b)
-        s = method.stats()
-        assert s["steps"] == steps and 0.0 <= s["overlap_fraction"] <= 1.0
-        if P > 1:
-            assert s["peak_in_flight_bytes"] > 0 and s["ring_bytes"] > 0
+    from commrt.optim import CDP
 
-    # several workers per device, staggered and not: same result, less activation memory
     peaks = {}
     for stagger in (True, False):
         model = _model(width=64)
-        method = run(CDP(model, _sgd(model.parameters()), stages=K, rule="v1",
-                         process_group=comm, workers_per_device=4, stagger=stagger), 4, rows=16)
+        method = _run(CDP(model, _sgd(model.parameters()), stages=K, rule="v1",
+                          process_group=comm, workers_per_device=4, stagger=stagger),
+                      comm, 4, rows=16)
         method.flush()
-        want = _delayed_dp_reference(P, steps, 4, _sgd, rows=16, width=64)
+        want = _delayed_dp_reference(comm.size, STEPS, 4, _sgd, rows=16, width=64)
         torch.testing.assert_close(_params(model), _params(want), rtol=1e-9, atol=1e-11)
         peaks[stagger] = method.stats()["peak_activation_bytes"]
     assert peaks[False] > 0 and peaks[True] <= 0.6 * peaks[False], peaks
 
-    # v2: the per-rank rule, against per-replica references
+
+def _check_v2_rule_per_rank(comm) -> None:
+    """v2: the per-rank rule, against per-replica references."""
+    import torch
+
+    from commrt.optim import CDP
+
     model = _model()
-    method = run(CDP(model, _sgd(model.parameters()), stages=K, rule="v2",
-                     process_group=comm), 1)
+    method = _run(CDP(model, _sgd(model.parameters()), stages=K, rule="v2",
+                      process_group=comm), comm, 1)
     ids = {id(p): l for l, ps in enumerate(method.stage_params) for p in ps}
     stage_of = [ids[id(p)] for p in model.parameters()]
     method.close()
-    replicas = _v2_reference(P, steps, stage_of)
-    torch.testing.assert_close(_params(model), _params(replicas[r]), rtol=1e-10, atol=1e-12)
-    if P >= 2:  # the rule really differs between ranks 0 and 1 (stage K-2)
+    replicas = _v2_reference(comm.size, STEPS, stage_of)
+    torch.testing.assert_close(_params(model), _params(replicas[comm.rank]), rtol=1e-10,
+                               atol=1e-12)
+    if comm.size >= 2:  # the rule really differs between ranks 0 and 1 (stage K-2)
         assert not torch.equal(_params(replicas[0]), _params(replicas[1]))
 
 
-@pytest.mark.parametrize("nprocs", [2, 3, 4])
-def test_cdp_v1_v2_sharded_staggered(nprocs):
-    run_ranks(_cdp_worker, nprocs, timeout=300, steps=4)
+def _cdp_worker(seed: int) -> None:
+    from commrt import transports as T
+
+    global _seed
+    _seed = seed
+
+    comm = T.world()
+    checks = {name: (lambda sharded=sharded, opt=opt, factory=factory:
+                     _check_v1(comm, sharded, globals()[opt], factory))
+              for name, (sharded, opt, factory) in V1.items()}
+    checks["v1_staggered_workers"] = lambda: _check_v1_staggered_workers(comm)
+    checks["v2_rule_per_rank"] = lambda: _check_v2_rule_per_rank(comm)
+    run_checks(checks, rank=comm.rank)
+
+
+launch = checks_fixture(_cdp_worker, WORLD_SIZES, timeout=300)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_cdp_rules(launch, check):
+    assert_check(launch, check)
