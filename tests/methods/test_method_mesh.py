@@ -1,25 +1,23 @@
-"""The 2-D hybrid mesh (commrt.optim.HybridMesh): shard and replication groups from
-ranks_per_node or MPI shared memory, a clear error when ranks_per_node does not divide the
-world, the torch DeviceMesh over the same ranks."""
+"""The 2-D hybrid mesh (commrt.optim.HybridMesh), each property a check of one 6-rank launch:
+shard and replication groups from ranks_per_node or MPI shared memory, a clear error when
+ranks_per_node does not divide the world, the mesh's group check, and the torch DeviceMesh
+over the same ranks."""
 from __future__ import annotations
 
 import pytest
-from harness import run_ranks
+from harness import assert_check, checks_fixture, run_checks
+
+CHECKS = ["groups_from_ranks_per_node", "ranks_per_node_must_divide",
+          "nodes_from_shared_memory", "group_must_match_mesh", "torch_device_mesh"]
 
 
 def _members(comm, world_rank: int) -> list[int]:
     return comm.allgather_object(world_rank)
 
 
-def _mesh_worker() -> None:
-    import torch
-    import torch.distributed as dist
-
-    from commrt import transports as T
+def _check_groups_from_ranks_per_node(world) -> None:
     from commrt.optim import HybridMesh
-    from commrt.optim.mesh import resolve_mesh
 
-    world = T.world()
     P, rank = world.size, world.rank
     for rpn in [d for d in range(1, P + 1) if P % d == 0]:
         mesh = HybridMesh(ranks_per_node=rpn)
@@ -29,39 +27,53 @@ def _mesh_worker() -> None:
         assert _members(mesh.replicate, rank) == [n * rpn + mesh.shard_index
                                                   for n in range(P // rpn)]
         assert mesh.layout == [[n * rpn + j for j in range(rpn)] for n in range(P // rpn)]
-    for bad in [d for d in range(2, P + 2) if P % d != 0][:2]:
-        try:
-            HybridMesh(ranks_per_node=bad)
-        except ValueError as exc:
-            assert "does not divide the world size" in str(exc), exc
-        else:
-            raise AssertionError(f"ranks_per_node={bad} accepted on {P} ranks")
 
-    # nodes from MPI shared memory: this job runs on one machine, so one node of P ranks
+
+def _check_ranks_per_node_must_divide(world) -> None:
+    from commrt.optim import HybridMesh
+
+    P = world.size
+    for bad in [d for d in range(2, P + 2) if P % d != 0][:2]:
+        with pytest.raises(ValueError, match="does not divide the world size"):
+            HybridMesh(ranks_per_node=bad)
+
+
+def _check_nodes_from_shared_memory(world) -> None:
+    from commrt.optim import HybridMesh
+
+    # this job runs on one machine, so one node of P ranks
     mesh = HybridMesh()
+    P = world.size
     assert (mesh.num_nodes, mesh.ranks_per_node, mesh.shard.size, mesh.replicate.size) == \
         (1, P, P, 1)
+
+
+def _check_group_must_match_mesh(world) -> None:
+    from commrt import transports as T
+    from commrt.optim import HybridMesh
+    from commrt.optim.mesh import resolve_mesh
 
     # a group other than the mesh's is refused; a duplicate of it is accepted
     mesh = HybridMesh(ranks_per_node=1)
     assert resolve_mesh(mesh, None, T.Communicator(world.mpi.Dup())) is mesh
-    if P > 1:
-        half = world.split(rank % 2)
-        try:
-            resolve_mesh(mesh, None, half)
-        except ValueError as exc:
-            assert "does not match the mesh" in str(exc)
-        else:
-            raise AssertionError("a half-world group accepted for a full mesh")
+    half = world.split(world.rank % 2)
+    with pytest.raises(ValueError, match="does not match the mesh"):
+        resolve_mesh(mesh, None, half)
 
-    # the torch DeviceMesh: needs torch.distributed; then its groups are the same ranks
-    try:
-        mesh.device_mesh()
-    except RuntimeError as exc:
-        assert "needs torch.distributed" in str(exc)
-    else:
-        raise AssertionError("device_mesh without torch.distributed")
+
+def _check_torch_device_mesh(world) -> None:
     import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from commrt.optim import HybridMesh
+
+    P, rank = world.size, world.rank
+    mesh = HybridMesh(ranks_per_node=1)
+    # the torch DeviceMesh needs torch.distributed; then its groups are the same ranks
+    with pytest.raises(RuntimeError, match="needs torch.distributed"):
+        mesh.device_mesh()
     port = None
     if rank == 0:
         with socket.socket() as s:
@@ -71,8 +83,7 @@ def _mesh_worker() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=P)
     try:
-        rpn = 2 if P % 2 == 0 else 1
-        mesh = HybridMesh(ranks_per_node=rpn)
+        mesh = HybridMesh(ranks_per_node=2 if P % 2 == 0 else 1)
         dm = mesh.device_mesh()
         assert dm.mesh_dim_names == ("replicate", "shard")
         assert dist.get_process_group_ranks(mesh.shard_process_group()) == mesh.layout[
@@ -86,6 +97,16 @@ def _mesh_worker() -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("nprocs", [6])
-def test_optim_mesh_groups(nprocs):
-    run_ranks(_mesh_worker, nprocs, timeout=240)
+def _mesh_worker(seed: int) -> None:
+    from commrt import transports as T
+
+    world = T.world()
+    run_checks({name: globals()[f"_check_{name}"] for name in CHECKS}, world, rank=world.rank)
+
+
+launch = checks_fixture(_mesh_worker, [6], timeout=240)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_optim_mesh(launch, check):
+    assert_check(launch, check)
