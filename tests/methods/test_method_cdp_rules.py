@@ -110,8 +110,8 @@ STEPS = 4
 WORLD_SIZES = [2, 3, 4]
 # (sharded, optimizer, given as a factory) of the v1 checks: plain; sharded with the given
 # optimizer re-pointed at the masters (AdamW); sharded with a factory (SGD with momentum)
-V1 = {"v1_plain": (False, "_sgd", False), "v1_sharded_adamw": (True, "_adamw", False),
-      "v1_sharded_factory": (True, "_sgd", True)}
+V1 = {"v1_plain": (False, _sgd, False), "v1_sharded_adamw": (True, _adamw, False),
+      "v1_sharded_factory": (True, _sgd, True)}
 CHECKS = [*V1, "v1_staggered_workers", "v2_rule_per_rank"]
 
 
@@ -210,7 +210,7 @@ def _cdp_worker(seed: int) -> None:
 
     comm = T.world()
     checks = {name: (lambda sharded=sharded, opt=opt, factory=factory:
-                     _check_v1(comm, sharded, globals()[opt], factory))
+                     _check_v1(comm, sharded, opt, factory))
               for name, (sharded, opt, factory) in V1.items()}
     checks["v1_staggered_workers"] = lambda: _check_v1_staggered_workers(comm)
     checks["v2_rule_per_rank"] = lambda: _check_v2_rule_per_rank(comm)
