@@ -19,7 +19,8 @@ raw mpi4py works on numpy views of exactly those tensors, the backend on the ten
 float32, sizes are the whole array (all_gather: the output, reduce_scatter: the input).
 Each round times a loop of `iters` calls of raw mpi4py, then a loop of the backend (then,
 with ``--layers``, mpi4py's non-blocking call + Wait, the commrt transport's request +
-wait, i.e. the backend minus torch.distributed and the process group, and the floor: the
+wait, i.e. the backend minus torch.distributed and the process group, the transport as the
+backend uses it (with the agreement check and the wait the watchdog can end), the floor: the
 same torch.distributed call on a Python ProcessGroup that only posts mpi4py's non-blocking
 call and returns a Work that waits on it, no checks, no timeouts, what any backend written
 in Python pays; and the floor plus the agreement check and a wait the watchdog could end,
@@ -89,25 +90,38 @@ ENV_PREFIXES = ("COMMRT_", "MPIR_CVAR_", "TORCH_DISTRIBUTED_DEBUG", "OMP_NUM_THR
 
 
 def _layer_calls(op: str, b: Any) -> dict[str, Callable[[], None]]:
-    """mpi4py's non-blocking call + Wait, and the commrt transport's request + wait, on
-    the same buffers: the steps between raw blocking MPI and the backend."""
+    """On the same buffers, the steps between raw blocking MPI and the backend: mpi4py's
+    non-blocking call + Wait; the commrt transport's request + wait; and the transport as
+    the backend uses it ("transport+check"): the agreement check on the request (a fixed
+    signature of the op) and the wait the watchdog could end (`Wakeup`)."""
     from mpi4py import MPI
 
     from commrt import transports as T
+    from commrt.transports.agreement import encode_signature
 
     comm, world = MPI.COMM_WORLD, T.world()
     inp, out = b.inp.numpy(), b.out.numpy()
+    check = encode_signature((op, b.count)).tobytes()
+
+    def checked(post: Callable[..., Any]) -> Callable[[], None]:
+        return lambda: post(check=check).wait_or_wake(T.Wakeup.of_thread())
+
     if op == "allreduce":
         return {"mpi4py-nb": lambda: comm.Iallreduce(MPI.IN_PLACE, out, op=MPI.SUM).Wait(),
-                "transport": lambda: world.iallreduce(b.out).wait()}
+                "transport": lambda: world.iallreduce(b.out).wait(),
+                "transport+check": checked(lambda **kw: world.iallreduce(b.out, **kw))}
     if op == "allgather":
         return {"mpi4py-nb": lambda: comm.Iallgather(inp, out).Wait(),
-                "transport": lambda: world.iallgather(b.inp, b.out).wait()}
+                "transport": lambda: world.iallgather(b.inp, b.out).wait(),
+                "transport+check": checked(lambda **kw: world.iallgather(b.inp, b.out, **kw))}
     if op == "reduce_scatter":
         return {"mpi4py-nb": lambda: comm.Ireduce_scatter_block(inp, out, op=MPI.SUM).Wait(),
-                "transport": lambda: world.ireduce_scatter(b.inp, b.out).wait()}
+                "transport": lambda: world.ireduce_scatter(b.inp, b.out).wait(),
+                "transport+check": checked(
+                    lambda **kw: world.ireduce_scatter(b.inp, b.out, **kw))}
     return {"mpi4py-nb": lambda: comm.Ibcast(out, root=0).Wait(),
-            "transport": lambda: world.ibroadcast(b.out, 0).wait()}
+            "transport": lambda: world.ibroadcast(b.out, 0).wait(),
+            "transport+check": checked(lambda **kw: world.ibroadcast(b.out, 0, **kw))}
 
 
 def floor_group(checked: bool = False) -> Any:
@@ -322,8 +336,9 @@ def markdown_table(records: list[dict]) -> str:
     head = ["op", "size", "raw mpi4py (us)", "commrt (us)", "overhead (us)", "ratio",
             "CPU raw (us)", "CPU commrt (us)"]
     if layers:
-        head[4:4] = ["mpi4py I*+Wait (us)", "transport (us)", "Python PG floor (us)",
-                     "floor overhead (us)", "floor + check overhead (us)"]
+        head[4:4] = ["mpi4py I*+Wait (us)", "transport (us)", "transport + check (us)",
+                     "Python PG floor (us)", "floor overhead (us)",
+                     "floor + check overhead (us)"]
     head.append("target")
     rows = []
     for (op, nbytes, impl), rec in by.items():
@@ -335,8 +350,8 @@ def markdown_table(records: list[dict]) -> str:
                f"{rec['cpu_us']:.1f}", target_verdict(rec)]
         if layers:
             row[4:4] = [f"{by[(op, nbytes, k)]['time_us']:.1f}"
-                        for k in ("mpi4py-nb", "transport", "floor")]
-            row[7:7] = [f"{by[(op, nbytes, k)]['overhead_us']:+.1f}"
+                        for k in ("mpi4py-nb", "transport", "transport+check", "floor")]
+            row[8:8] = [f"{by[(op, nbytes, k)]['overhead_us']:+.1f}"
                         for k in ("floor", "floor+check")]
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

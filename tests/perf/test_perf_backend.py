@@ -23,7 +23,7 @@ def _run(tmp_path, *extra: str) -> tuple[str, list[dict]]:
 
 
 def _check(text: str, records: list[dict], ranks: list[int], layers: bool) -> None:
-    layer_impls = {"mpi4py-nb", "transport", "floor", "floor+check"}
+    layer_impls = {"mpi4py-nb", "transport", "transport+check", "floor", "floor+check"}
     impls = {"mpi4py", "commrt"} | (layer_impls if layers else set())
     seen = {(r["world_size"], r["op"], r["impl"]) for r in records}
     for p in ranks:
@@ -51,7 +51,7 @@ def test_perf_backend_launcher_layers(tmp_path):
     text, records = _run(tmp_path, "--ranks", "3", "--layers", "--launcher", mpirun_executable())
     _check(text, records, [3], layers=True)
     assert "transport (us)" in text and "Python PG floor (us)" in text
-    assert "floor + check overhead (us)" in text
+    assert "floor + check overhead (us)" in text and "transport + check (us)" in text
 
 
 def test_perf_backend_launchers_compared(tmp_path):
