@@ -25,7 +25,9 @@ same torch.distributed call on a Python ProcessGroup that only posts mpi4py's no
 call and returns a Work that waits on it, no checks, no timeouts, what any backend written
 in Python pays; and the floor plus the agreement check and a wait the watchdog could end,
 what a Python backend meeting the issue's mismatch and timeout requirements pays at the
-least: `floor_group`), each loop started by a barrier and timed as its slowest rank;
+least: `floor_group`; and that after a fixed per-call spin of SPIN_US, which shows what a
+per-call cost of commrt's size costs beside a large transfer), each loop started by a
+barrier and timed as its slowest rank;
 ``--rounds`` rounds alternate A B, B A, A B, ... so load changes on a shared machine hit
 both alike and neither always runs first. Reported: the medians over rounds of each
 loop's per-call time, the per-call overhead = median over rounds of
@@ -82,6 +84,10 @@ LARGE_BYTES = 1 << 20       # the throughput target applies at and above this si
 TARGET_OVERHEAD_US = 10.0
 TARGET_RATIO = 0.95
 TARGET_WORLD_SIZE = 2
+# The floor + check's extra layer spins this long per call: about what commrt's Python
+# costs beyond the floor + check at <= 4 KiB (so its large-message rows show what that much
+# per-call work costs beside a large transfer).
+SPIN_US = 7.0
 ENV_PREFIXES = ("COMMRT_", "MPIR_CVAR_", "TORCH_DISTRIBUTED_DEBUG", "OMP_NUM_THREADS")
 
 
@@ -122,6 +128,17 @@ def _layer_calls(op: str, b: Any) -> dict[str, Callable[[], None]]:
     return {"mpi4py-nb": lambda: comm.Ibcast(out, root=0).Wait(),
             "transport": lambda: world.ibroadcast(b.out, 0).wait(),
             "transport+check": checked(lambda **kw: world.ibroadcast(b.out, 0, **kw))}
+
+
+def _after_spin(call: Callable[[], None], us: float) -> Callable[[], None]:
+    """`call` after `us` microseconds of pure CPU work (a clock-reading loop, no memory
+    traffic): what a fixed per-call cost of that size costs beside the collective."""
+    def spun() -> None:
+        end = time.perf_counter() + us * 1e-6
+        while time.perf_counter() < end:
+            pass
+        call()
+    return spun
 
 
 def floor_group(checked: bool = False) -> Any:
@@ -268,6 +285,7 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
             if args.layers:
                 calls.update(_layer_calls(op, b))
                 calls.update({k: torch_call(op, b, g) for k, g in floors.items()})
+                calls["floor+check+spin"] = _after_spin(calls["floor+check"], SPIN_US)
             iters = iterations(b.nbytes, args.budget_mb, args.min_iters, args.max_iters)
             for fn in calls.values():  # warm-up: MPICH's shm collectives switch in after a few
                 for _ in range(args.warmup):
@@ -338,7 +356,8 @@ def markdown_table(records: list[dict]) -> str:
     if layers:
         head[4:4] = ["mpi4py I*+Wait (us)", "transport (us)", "transport + check (us)",
                      "Python PG floor (us)", "floor overhead (us)",
-                     "floor + check overhead (us)"]
+                     "floor + check overhead (us)",
+                     f"floor + check + {SPIN_US:g} us spin overhead (us)"]
     head.append("target")
     rows = []
     for (op, nbytes, impl), rec in by.items():
@@ -352,7 +371,7 @@ def markdown_table(records: list[dict]) -> str:
             row[4:4] = [f"{by[(op, nbytes, k)]['time_us']:.1f}"
                         for k in ("mpi4py-nb", "transport", "transport+check", "floor")]
             row[8:8] = [f"{by[(op, nbytes, k)]['overhead_us']:+.1f}"
-                        for k in ("floor", "floor+check")]
+                        for k in ("floor", "floor+check", "floor+check+spin")]
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
