@@ -11,7 +11,9 @@
   so that it cannot overflow; bit = (x >= 0), element 8i + j in bit j of byte i;
   x_hat = +scale or -scale.
 
-round() is half away from zero (``floor(|v| + 0.5)`` with the sign), on both paths.
+round() is half away from zero (``floor(|v| + 0.5)`` with the sign), on every path, and
+every path computes in float32 the same steps, each rounded once (so the codes agree bit
+for bit): ``scale = absmax / qmax``, ``v = x * ((1 / absmax) * qmax)``.
 All-zero blocks have scale 0 and decode to 0. ``q.data`` is uint8 with
 ``ceil(numel * bits / 8)`` bytes (block_size is a multiple of 8, so blocks start on
 byte boundaries), ``q.scales`` float32 ``[ceil(numel / block_size)]``, so the wire size is
@@ -119,8 +121,13 @@ if tl is not None:
             x_hat = tl.where(pos, scale, -scale)
         else:
             qmax = (1 << (BITS - 1)) - 1
-            scale = absmax / qmax
-            inv = tl.where(absmax > 0, qmax / tl.where(absmax > 0, absmax, 1.0), 0.0)
+            # The module's formulas, each step IEEE-rounded: a GPU's default f32 division
+            # is off by up to 2 ulp, and a 1-ulp change of `inv` moves a value lying near a
+            # rounding midpoint to the next code.
+            qmax_f = tl.full([], qmax, tl.float32)
+            scale = tl.math.div_rn(absmax, qmax_f)
+            safe = tl.where(absmax > 0, absmax, 1.0)
+            inv = tl.where(absmax > 0, tl.math.div_rn(1.0, safe) * qmax_f, 0.0)
             v = x * inv
             mag = tl.floor(tl.abs(v) + 0.5)
             q = tl.where(v < 0, -mag, mag).to(tl.int32)
@@ -208,7 +215,7 @@ def _quantize_torch(x: torch.Tensor, res: torch.Tensor | None, bits: int, block_
     else:
         qmax = _QMAX[bits]
         scale = absmax / qmax
-        inv = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
+        inv = torch.where(absmax > 0, absmax.reciprocal() * qmax, torch.zeros_like(absmax))
         w = blocks * inv[:, None]
         mag = torch.floor(w.abs() + 0.5)
         q = torch.where(w < 0, -mag, mag).to(torch.int32)
@@ -337,7 +344,7 @@ def _quantize_cpu(flat: torch.Tensor, res: torch.Tensor | None, bits: int,
         else:
             qmax = _QMAX[bits]
             scale = absmax / qmax
-            inv = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
+            inv = torch.where(absmax > 0, absmax.reciprocal() * qmax, torch.zeros_like(absmax))
             torch.mul(vb, inv[:, None], out=tb)
             # Round half away from zero: w + copysign(0.5, w) (the sign bit of w over the
             # bits of 0.5), truncated by the int8 conversion. Float addition is symmetric

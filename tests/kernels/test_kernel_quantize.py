@@ -4,6 +4,7 @@ error feedback."""
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,36 @@ def test_kernel_quantize_dtypes(dtype):
         assert a.dtype == dtype
         # Triton's interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest.
         torch.testing.assert_close(a, b, rtol=2 ** -7, atol=0)
+
+
+def float32_codes(x: torch.Tensor, bits: int, block_size: int) -> np.ndarray:
+    """The codes of the documented float32 steps, each rounded once, in numpy:
+    scale = absmax / qmax, v = x * ((1 / absmax) * qmax), round half away from zero."""
+    qmax = np.float32(127 if bits == 8 else 7)
+    v = x.float().numpy().reshape(-1, block_size)
+    absmax = np.abs(v).max(1, keepdims=True)
+    inv = np.where(absmax > 0, (np.float32(1) / np.where(absmax > 0, absmax, 1)) * qmax,
+                   np.float32(0)).astype(np.float32)
+    w = v * inv
+    return (np.sign(w) * np.floor(np.abs(w) + np.float32(0.5))).astype(np.int64).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_quantize_codes_bit_exact_at_midpoints(dtype, bits, seed):
+    """Half-precision inputs land exactly on rounding midpoints (x / scale = m + 0.5) often
+    enough that computing 1/absmax * qmax as qmax / absmax (one rounding fewer) changes
+    about 1 code in 10^4: every path must follow the documented steps. (A GPU build that
+    divided as qmax / absmax failed this for float16; so would the interpreter.)"""
+    n, block = 1 << 17, 256
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen).to(dtype)
+    expected = float32_codes(x, bits, block)
+    for impl in ("triton", "torch", "cpu"):
+        q = getattr(K, f"quantize_{impl}")(x, bits, block)
+        codes = q.data.numpy().view(np.int8).astype(np.int64) if bits == 8 else np.stack(
+            [q.data.numpy() & 0xF, q.data.numpy() >> 4], 1).reshape(-1).astype(np.int64) - 8
+        assert (codes != expected).sum() == 0, (impl, dtype, bits)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 1])
