@@ -4,6 +4,7 @@
     python -m perf.bench.backend --ranks 2 --rounds 15 --out backend.md
     python -m perf.bench.backend --layers                 # also the layers in between (see below)
     python -m perf.bench.backend --launchers mpirun,torchrun --jobs 3   # the launchers compared
+    python -m perf.bench.backend --device cuda --ranks 2  # CUDA tensors (the GPU rows)
 
 The driver launches one ``mpirun`` job per world size in ``--ranks`` (perf.infra.launch's
 launcher, shm) with ``--worker``; the perf suite (``python -m perf run collectives``)
@@ -36,6 +37,12 @@ time per call of the calling thread (slowest rank; less sensitive to other jobs'
 than wall time). The issue's targets (2 ranks, shm): overhead <= 10 us at <= 4 KiB and
 ratio >= 0.95 at >= 1 MiB; the `target` column says ok / MISS there (no target at other
 world sizes).
+
+``--device cuda`` puts the tensors on the GPU (rank r on GPU r mod the GPU count). Raw
+mpi4py is then what a user writes by hand: the device buffers handed to a CUDA-aware MPI,
+else copy to page-locked host buffers, the blocking call, copy back (`cuda_raw_call`,
+the path commrt takes too; COMMRT_CUDA_AWARE=0 forces staging on both). Every call, raw
+and commrt, ends with a device synchronize, so a time is until the result is usable.
 
 ``--launchers mpirun,torchrun`` runs every job under each launcher in turn (under
 torchrun commrt forms MPI's world itself, through its PMI server), ``--jobs K`` K times
@@ -258,6 +265,36 @@ def check_floor(floor: Any, rank: int, p: int) -> None:
             raise AssertionError(f"the floor group's {name} differs from commrt's")
 
 
+def cuda_raw_call(op: str, b: Any) -> Callable[[], None]:
+    """Raw mpi4py on CUDA buffers, as a user would write it: the device buffers handed to
+    MPI where the library is CUDA-aware (`commrt.transports.cuda_aware`, which
+    COMMRT_CUDA_AWARE overrides for both sides), else staged through page-locked host
+    copies: copy out, the blocking call, copy back."""
+    from commrt.transports import cuda_aware
+    from perf.bench.collectives import Buffers, raw_call
+
+    if cuda_aware():
+        return raw_call(op, b)
+    host = Buffers(b.op, b.nbytes, b.dtype, b.p, pinned=True)
+    on_host = raw_call(op, host)
+
+    def staged() -> None:
+        host.inp.copy_(b.inp)
+        on_host()
+        b.out.copy_(host.out)
+    return staged
+
+
+def _synchronized(call: Callable[[], None]) -> Callable[[], None]:
+    """`call`, then wait for the device: a call's time is until its result is usable."""
+    import torch
+
+    def synced() -> None:
+        call()
+        torch.cuda.synchronize()
+    return synced
+
+
 def run_worker(args: argparse.Namespace) -> list[dict]:
     """Time every (op, size) on this job's ranks; rank 0 returns (and writes) the records."""
     import torch
@@ -273,6 +310,10 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
 
     comm = MPI.COMM_WORLD
     rank, p = comm.Get_rank(), comm.Get_size()
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     records: list[dict] = []
     floors = {"floor": floor_group(), "floor+check": floor_group(checked=True)} \
         if args.layers else {}
@@ -280,8 +321,11 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
         check_floor(floor, rank, p)
     for op in args.ops:
         for nbytes in args.sizes:
-            b = Buffers(op, nbytes, torch.float32, p)
+            b = Buffers(op, nbytes, torch.float32, p, device=device)
             calls = {"mpi4py": raw_call(op, b), "commrt": torch_call(op, b, None)}
+            if device.type == "cuda":
+                calls = {"mpi4py": _synchronized(cuda_raw_call(op, b)),
+                         "commrt": _synchronized(calls["commrt"])}
             if args.layers:
                 calls.update(_layer_calls(op, b))
                 calls.update({k: torch_call(op, b, g) for k, g in floors.items()})
@@ -303,7 +347,7 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
             raw = wall["mpi4py"]
             for impl in calls:
                 rec = dict(op=op, impl=impl, bytes=b.nbytes, count=b.count, dtype="float32",
-                           world_size=p, iters=iters, rounds=args.rounds,
+                           device=device.type, world_size=p, iters=iters, rounds=args.rounds,
                            time_us=1e6 * statistics.median(wall[impl]),
                            cpu_us=1e6 * statistics.median(cpu[impl]))
                 if impl != "mpi4py":
@@ -321,6 +365,7 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
         # The perf suite reads "records"; the driver also reports what the ranks ran with.
         Path(args.json).write_text(json.dumps(dict(
             records=records, mpi=MPI.Get_library_version().splitlines()[0].strip(),
+            device=device_label(device),
             throttle=os.environ.get("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "unset")), indent=1))
     return records
 
@@ -427,17 +472,30 @@ def launcher_table(jobs: list[tuple[str, list[dict]]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def device_label(device: Any) -> str:
+    """The tensors' device for the table: "cpu", or the GPU's name and MPI's path to it."""
+    if device.type != "cuda":
+        return "cpu"
+    import torch
+
+    from commrt.transports import cuda_aware
+    path = "CUDA-aware MPI" if cuda_aware() else "staged through page-locked host buffers"
+    return f"CUDA tensors on {torch.cuda.get_device_name(device)}, {path}"
+
+
 def run_driver(args: argparse.Namespace) -> int:
     machine = machine_info()
     sections: list[str] = []
     all_records: list[dict] = []
     failed: list[str] = []
     mpi_libs: set[str] = set()
+    devices: set[str] = set()
     by_launcher: dict[int, list[tuple[str, list[dict]]]] = {}
     worker_args = ["--ops", ",".join(args.ops), "--sizes", ",".join(map(str, args.sizes)),
                    "--rounds", str(args.rounds), "--warmup", str(args.warmup),
                    "--budget-mb", str(args.budget_mb), "--min-iters", str(args.min_iters),
-                   "--max-iters", str(args.max_iters)] + (["--layers"] if args.layers else [])
+                   "--max-iters", str(args.max_iters), "--device", args.device] + \
+        (["--layers"] if args.layers else [])
     for nprocs, job_index, via in [(n, j, via) for n in args.ranks for j in range(args.jobs)
                                    for via in args.launchers]:
         load_before = os.getloadavg()[0]
@@ -454,6 +512,7 @@ def run_driver(args: argparse.Namespace) -> int:
         all_records += records
         by_launcher.setdefault(nprocs, []).append((via, records))
         mpi_libs.add(job["mpi"])
+        devices.add(job["device"])
         sections.append(
             f"## {what} ({nprocs / machine['cores']:.1f} ranks per core)\n\n"
             f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
@@ -468,7 +527,9 @@ def run_driver(args: argparse.Namespace) -> int:
         f"{machine['load_avg'][1]:.2f} / {machine['load_avg'][2]:.2f} (1/5/15 min) at start; "
         f"{', '.join(sorted(mpi_libs)) or 'MPI library unknown'}; Python {machine['python']}; "
         f"environment: {env}.\n\n"
-        f"float32, shm, blocking calls on the same buffers; {args.rounds} rounds alternating "
+        f"float32, {', '.join(sorted(devices)) or args.device} tensors, shm, blocking calls "
+        f"on the same buffers (CUDA: each call followed by a device synchronize; raw mpi4py "
+        f"as a user would call it, see cuda_raw_call); {args.rounds} rounds alternating "
         f"raw / commrt{' / the layers' if args.layers else ''}; times are medians over rounds "
         f"of a loop's per-call time (slowest rank); overhead = median of (commrt - raw), "
         f"ratio = median of raw/commrt (throughput). Targets at {TARGET_WORLD_SIZE} ranks: "
@@ -490,6 +551,11 @@ def run_driver(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m perf.bench.backend", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -504,6 +570,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-iters", type=int, default=400)
     p.add_argument("--layers", action="store_true",
                    help="also time mpi4py's non-blocking call + Wait and the commrt transport")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the tensors live (cuda: rank r on GPU r mod the GPU count)")
     p.add_argument("--launcher", default=None,
                    help="launcher argv instead of perf.infra.launch's mpirun, e.g. "
                         "'mpirun -bind-to core'"
@@ -528,6 +596,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown ops {bad}; choose from {', '.join(OPS)}")
     if not args.ranks or min(args.ranks) < 2:
         p.error("--ranks needs world sizes >= 2 (one rank has nothing to compare)")
+    if args.device == "cuda" and not _cuda_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    if args.device == "cuda" and args.layers:
+        p.error("--layers times CPU tensors only (the floor groups post host buffers)")
     if args.rounds < 1 or args.warmup < 0:
         p.error("--rounds must be >= 1 and --warmup >= 0")
     return args

@@ -67,13 +67,17 @@ def formula_wire_bytes(op: str, nbytes: int, p: int) -> int:
 class Buffers:
     """The tensors one (op, size) point uses, shared by every implementation."""
 
-    def __init__(self, op: str, nbytes: int, dtype: torch.dtype, p: int) -> None:
+    def __init__(self, op: str, nbytes: int, dtype: torch.dtype, p: int,
+                 device: str | torch.device = "cpu", pinned: bool = False) -> None:
         es = torch.empty((), dtype=dtype).element_size()
         # whole-array size, rounded so that it splits evenly over the ranks
         count = max(p, (nbytes // es) // p * p)
+        self.op, self.dtype, self.p = op, dtype, p
         self.count = count
         self.nbytes = count * es
-        zeros = lambda n: torch.zeros(n, dtype=dtype)  # noqa: E731  (sums of zeros stay finite)
+        # sums of zeros stay finite; `pinned`: page-locked host memory (a CUDA staging area)
+        zeros = lambda n: torch.zeros(n, dtype=dtype, device=device,  # noqa: E731
+                                      pin_memory=pinned)
         if op in ("allreduce", "broadcast"):
             self.inp = self.out = zeros(count)
         elif op == "allgather":
@@ -85,10 +89,12 @@ class Buffers:
 
 
 def raw_call(op: str, b: Buffers) -> Callable[[], None]:
+    """The blocking mpi4py call on `b`'s buffers. CUDA tensors go to MPI as they are
+    (mpi4py reads their __cuda_array_interface__): only for a CUDA-aware MPI library."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    inp, out = b.inp.numpy(), b.out.numpy()
+    inp, out = (t.numpy() if t.device.type == "cpu" else t for t in (b.inp, b.out))
     if op == "allreduce":
         return lambda: comm.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
     if op == "allgather":

@@ -5,6 +5,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from commrt.transports import mpirun_executable
 from perf.bench import backend as pb
 from perf.infra.launch import REPO_ROOT, job_env
@@ -38,6 +41,7 @@ def _check(text: str, records: list[dict], ranks: list[int], layers: bool) -> No
         if r["impl"] != "mpi4py":
             assert r["ratio"] > 0
     assert "load average" in text and "ranks per core" in text and "cores" in text
+    assert "float32, cpu tensors" in text and {r["device"] for r in records} == {"cpu"}
 
 
 def test_perf_backend_tiny(tmp_path):
@@ -72,3 +76,14 @@ def test_target_verdicts():
     assert pb.target_verdict(rec(2, 1 << 20, 30.0, 0.95)) == "ok"
     assert pb.target_verdict(rec(2, 4 << 20, 1.0, 0.94)) == "MISS"
     assert pb.target_verdict(rec(4, 1024, 99.0, 0.1)) == ""          # no target at 4 ranks
+
+
+def test_device_flag(capsys):
+    """--device cuda needs a GPU, and the layers (host-buffer floor groups) need CPU tensors:
+    both refused with a message naming the problem."""
+    with pytest.raises(SystemExit):
+        pb.parse_args(["--device", "cuda", "--layers"])
+    expected = "CPU tensors only" if torch.cuda.is_available() else "torch sees no CUDA device"
+    assert expected in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pb.parse_args(["--device", "tpu"])
