@@ -473,9 +473,10 @@ def launcher_table(jobs: list[tuple[str, list[dict]]]) -> str:
 
 
 def device_label(device: Any) -> str:
-    """The tensors' device for the table: "cpu", or the GPU's name and MPI's path to it."""
+    """The tensors' device for the table: "cpu tensors", or the GPU's name and MPI's path
+    to it."""
     if device.type != "cuda":
-        return "cpu"
+        return "cpu tensors"
     import torch
 
     from commrt.transports import cuda_aware
@@ -527,7 +528,7 @@ def run_driver(args: argparse.Namespace) -> int:
         f"{machine['load_avg'][1]:.2f} / {machine['load_avg'][2]:.2f} (1/5/15 min) at start; "
         f"{', '.join(sorted(mpi_libs)) or 'MPI library unknown'}; Python {machine['python']}; "
         f"environment: {env}.\n\n"
-        f"float32, {', '.join(sorted(devices)) or args.device} tensors, shm, blocking calls "
+        f"float32, {'; '.join(sorted(devices)) or args.device + ' tensors'}, shm, blocking calls "
         f"on the same buffers (CUDA: each call followed by a device synchronize; raw mpi4py "
         f"as a user would call it, see cuda_raw_call); {args.rounds} rounds alternating "
         f"raw / commrt{' / the layers' if args.layers else ''}; times are medians over rounds "
