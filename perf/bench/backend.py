@@ -27,8 +27,12 @@ call and returns a Work that waits on it, no checks, no timeouts, what any backe
 in Python pays; and the floor plus the agreement check and a wait the watchdog could end,
 what a Python backend meeting the issue's mismatch and timeout requirements pays at the
 least: `floor_group`; and that after a fixed per-call spin of SPIN_US, which shows what a
-per-call cost of commrt's size costs beside a large transfer), each loop started by a
-barrier and timed as its slowest rank;
+per-call cost of commrt's size costs beside a large transfer; and the raw call followed
+by a commrt all_reduce of 1 KiB on a one-rank group ("raw + solo"), which runs commrt's
+whole Python path (torch.distributed's call, the checks, the Work and its wait) and no
+MPI: its overhead over raw is what that Python path costs right after a transfer of the
+row's size, beside "solo" alone, its cost in a tight loop with warm caches), each loop
+started by a barrier and timed as its slowest rank;
 ``--rounds`` rounds alternate A B, B A, A B, ... so load changes on a shared machine hit
 both alike and neither always runs first. Reported: the medians over rounds of each
 loop's per-call time, the per-call overhead = median over rounds of
@@ -95,6 +99,9 @@ TARGET_WORLD_SIZE = 2
 # costs beyond the floor + check at <= 4 KiB (so its large-message rows show what that much
 # per-call work costs beside a large transfer).
 SPIN_US = 7.0
+# "solo" (commrt's Python path alone) runs at least this many calls per loop, so that the
+# first call, cold after the loops of large transfers before it, does not set its time.
+SOLO_ITERS = 200
 ENV_PREFIXES = ("COMMRT_", "MPIR_CVAR_", "TORCH_DISTRIBUTED_DEBUG", "OMP_NUM_THREADS")
 
 
@@ -146,6 +153,13 @@ def _after_spin(call: Callable[[], None], us: float) -> Callable[[], None]:
             pass
         call()
     return spun
+
+
+def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+    return both
 
 
 def floor_group(checked: bool = False) -> Any:
@@ -319,6 +333,9 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
         if args.layers else {}
     for floor in floors.values():
         check_floor(floor, rank, p)
+    if args.layers:  # (collective: every rank makes the one-rank groups together)
+        solo, _ = dist.new_subgroups(group_size=1)
+        solo_tensor = torch.zeros(256)
     for op in args.ops:
         for nbytes in args.sizes:
             b = Buffers(op, nbytes, torch.float32, p, device=device)
@@ -330,6 +347,8 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
                 calls.update(_layer_calls(op, b))
                 calls.update({k: torch_call(op, b, g) for k, g in floors.items()})
                 calls["floor+check+spin"] = _after_spin(calls["floor+check"], SPIN_US)
+                calls["solo"] = lambda: dist.all_reduce(solo_tensor, group=solo)
+                calls["mpi4py+solo"] = _then(calls["mpi4py"], calls["solo"])
             iters = iterations(b.nbytes, args.budget_mb, args.min_iters, args.max_iters)
             for fn in calls.values():  # warm-up: MPICH's shm collectives switch in after a few
                 for _ in range(args.warmup):
@@ -341,7 +360,7 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
                 # Every other round in reverse, so that no implementation always runs
                 # first (right after the barrier) or right after a particular other one.
                 for impl, fn in (order if k % 2 == 0 else order[::-1]):
-                    w, c = timed(fn, iters, comm)
+                    w, c = timed(fn, max(iters, SOLO_ITERS) if impl == "solo" else iters, comm)
                     wall[impl].append(w)
                     cpu[impl].append(c)
             raw = wall["mpi4py"]
@@ -402,7 +421,8 @@ def markdown_table(records: list[dict]) -> str:
         head[4:4] = ["mpi4py I*+Wait (us)", "transport (us)", "transport + check (us)",
                      "Python PG floor (us)", "floor overhead (us)",
                      "floor + check overhead (us)",
-                     f"floor + check + {SPIN_US:g} us spin overhead (us)"]
+                     f"floor + check + {SPIN_US:g} us spin overhead (us)",
+                     "commrt on one rank, warm (us)", "the same after the transfer (us)"]
     head.append("target")
     rows = []
     for (op, nbytes, impl), rec in by.items():
@@ -416,7 +436,9 @@ def markdown_table(records: list[dict]) -> str:
             row[4:4] = [f"{by[(op, nbytes, k)]['time_us']:.1f}"
                         for k in ("mpi4py-nb", "transport", "transport+check", "floor")]
             row[8:8] = [f"{by[(op, nbytes, k)]['overhead_us']:+.1f}"
-                        for k in ("floor", "floor+check", "floor+check+spin")]
+                        for k in ("floor", "floor+check", "floor+check+spin")] + [
+                f"{by[(op, nbytes, 'solo')]['time_us']:.1f}",
+                f"{by[(op, nbytes, 'mpi4py+solo')]['overhead_us']:+.1f}"]
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -27,7 +27,7 @@ def _run(tmp_path, *extra: str) -> tuple[str, list[dict]]:
 
 def _check(text: str, records: list[dict], ranks: list[int], layers: bool) -> None:
     layer_impls = {"mpi4py-nb", "transport", "transport+check", "floor", "floor+check",
-                   "floor+check+spin"}
+                   "floor+check+spin", "solo", "mpi4py+solo"}
     impls = {"mpi4py", "commrt"} | (layer_impls if layers else set())
     seen = {(r["world_size"], r["op"], r["impl"]) for r in records}
     for p in ranks:
@@ -58,6 +58,7 @@ def test_perf_backend_launcher_layers(tmp_path):
     assert "transport (us)" in text and "Python PG floor (us)" in text
     assert "floor + check overhead (us)" in text and "transport + check (us)" in text
     assert "floor + check + 7 us spin overhead (us)" in text
+    assert "commrt on one rank, warm (us)" in text and "the same after the transfer (us)" in text
 
 
 def test_perf_backend_launchers_compared(tmp_path):
