@@ -551,8 +551,10 @@ def run_driver(args: argparse.Namespace) -> int:
         f"{', '.join(sorted(mpi_libs)) or 'MPI library unknown'}; Python {machine['python']}; "
         f"environment: {env}.\n\n"
         f"float32, {'; '.join(sorted(devices)) or args.device + ' tensors'}, shm, blocking calls "
-        f"on the same buffers (CUDA: each call followed by a device synchronize; raw mpi4py "
-        f"as a user would call it, see cuda_raw_call); {args.rounds} rounds alternating "
+        f"on the same buffers"
+        + (" (each call followed by a device synchronize; raw mpi4py as a user would call "
+           "it, see cuda_raw_call)" if args.device == "cuda" else "")
+        + f"; {args.rounds} rounds alternating "
         f"raw / commrt{' / the layers' if args.layers else ''}; times are medians over rounds "
         f"of a loop's per-call time (slowest rank); overhead = median of (commrt - raw), "
         f"ratio = median of raw/commrt (throughput). Targets at {TARGET_WORLD_SIZE} ranks: "
