@@ -1,7 +1,9 @@
 """ACCO, ZeRO-1 and DPU with fixed micro-batch counts equal single-process float64
 references of their update rules on the concatenated batches; the dry run leaves the
-optimizer state bit-identical; every rank ends with the same parameters."""
+optimizer state bit-identical; every rank ends with the same parameters. Also on CUDA
+parameters (ACCO's communication then runs on its own CUDA stream), where a GPU is."""
 import pytest
+import torch
 from harness import run_ranks
 
 LR, BETAS, WD, EPS = 0.05, (0.9, 0.99), 0.1, 1e-8
@@ -94,27 +96,32 @@ def _reference(mode: str, P: int, n: int, steps: int):
     return theta
 
 
-def _equivalence_worker(n: int, steps: int) -> None:
-    import torch
-
+def _equivalence_worker(n: int, steps: int, device: str = "cpu") -> None:
     from commrt import transports as T
     from commrt.optim import ACCO, DPU, ZeRO1
 
     comm = T.world()
     P, r = comm.size, comm.rank
+    dev = torch.device("cpu") if device == "cpu" else \
+        torch.device("cuda", r % torch.cuda.device_count())
+
+    def batch(index: int):
+        return tuple(t.to(dev) for t in _batch(r, index))
     configs = [("acco", ACCO, dict(sync_comm=True)),
                ("acco", ACCO, dict(sync_comm=False)),      # real thread, fixed counts
                ("zero1", ZeRO1, {}),
                ("dpu", DPU, dict(sync_comm=False))]
     for mode, cls, extra in configs:
-        model = _model()
+        model = _model().to(dev)
         method = cls(model, LR, BETAS, WD, comm, micro_batches=n, **extra)
+        if dev.type == "cuda" and mode == "acco" and not extra["sync_comm"]:
+            assert method._stream is not None, "ACCO on CUDA without its own stream"
         counter = iter(range(10 ** 6))
         for _ in range(steps):
-            loss = method.step(lambda c=counter: _batch(r, next(c)), _loss)
+            loss = method.step(lambda c=counter: batch(next(c)), _loss)
             assert loss == loss and loss > 0
         method.close()
-        got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        got = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
         want = _reference(mode, P, n, steps)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10,
                                    msg=lambda m, mode=mode, extra=extra: f"{mode} {extra}: {m}")
@@ -130,19 +137,19 @@ def _equivalence_worker(n: int, steps: int) -> None:
         assert s["micro_batches"] == n * (2 * steps + 1 if mode == "acco" else steps)
         # the state dict round-trips (sharded: per rank)
         sd = method.state_dict()
-        twin = cls(_model(), LR, BETAS, WD, comm, micro_batches=n, **extra)
+        twin = cls(_model().to(dev), LR, BETAS, WD, comm, micro_batches=n, **extra)
         twin.load_state_dict(sd)
         _assert_same_state(twin.shard.state_dict(), method.shard.state_dict())
         twin.close()
 
     # The dry run: state bit-identical before and after, estimate equals the real step.
-    method = ACCO(_model(), LR, BETAS, WD, comm, micro_batches=n, sync_comm=True)
+    method = ACCO(_model().to(dev), LR, BETAS, WD, comm, micro_batches=n, sync_comm=True)
     counter = iter(range(10 ** 6))
-    method.step(lambda: _batch(r, next(counter)), _loss)
+    method.step(lambda: batch(next(counter)), _loss)
     shard = method.shard
     master = shard.masters[0]
     before = shard.state_dict()
-    grad = torch.randn(master.shape, dtype=master.dtype)
+    grad = torch.randn(master.shape, dtype=master.dtype).to(master.device)
     estimate = shard.update([grad], dry_run=True)[0]
     _assert_same_state(shard.state_dict(), before)
     assert not torch.equal(estimate, master)
@@ -172,3 +179,11 @@ def _assert_same_state(got, want, where="state"):
 @pytest.mark.parametrize("nprocs", [2, 3, 4])
 def test_acco_zero1_dpu_match_references(nprocs):
     run_ranks(_equivalence_worker, nprocs, timeout=300, n=2, steps=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_acco_zero1_dpu_match_references_cuda(nprocs):
+    """The same on CUDA parameters: ACCO's rounds run on its own CUDA stream."""
+    run_ranks(_equivalence_worker, nprocs, timeout=300, env={"TRITON_INTERPRET": "0"}, n=2,
+              steps=3, device="cuda")
