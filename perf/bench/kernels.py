@@ -28,7 +28,8 @@ traffic / time and ``frac_copy`` = that / the copy's GB/s (2 n itemsize / its ti
 CPU (default ``--device auto`` without a GPU): n = 16M, rho = 1%, one torch thread, the
 fast CPU implementations (``--impls cpu``; add ``torch`` for the selection references).
 ``--device cuda`` is the GPU table: n = 1M, 16M, 100M (capped by free memory), the Triton
-kernels against torch.topk, the references and the copy bandwidth; ``--out DIR`` writes
+kernels and the torch references of every kernel (for the selection kernels: what
+``COMMRT_KERNELS=torch`` runs) against torch.topk, and the copy bandwidth; ``--out DIR`` writes
 ``DIR/kernels-<device>.json`` and ``.md`` with the device's name in both. Nothing is
 written without ``--json``, ``--markdown`` or ``--out``. ``--quick``: small sizes, one
 round (``python -m perf run quick``).
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sizes", help="comma-separated element counts (k/m suffixes); default "
                     f"{CPU_SIZES} on CPU, {GPU_SIZES} on CUDA")
     ap.add_argument("--densities", default=DENSITIES)
-    ap.add_argument("--impls", help="of triton,cpu,torch (default: triton on CUDA, cpu on CPU)")
+    ap.add_argument("--impls", help="of triton,cpu,torch (default: triton,torch on CUDA, cpu "
+                                    "on CPU)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--repeat", type=int, default=5, help="timed interleaved rounds")
@@ -296,7 +298,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
     sizes = args.sizes or (QUICK_SIZES if args.quick else GPU_SIZES if cuda else CPU_SIZES)
-    impls = [s.strip() for s in (args.impls or ("triton" if cuda else "cpu")).split(",")]
+    # On CUDA the torch rows of the selection kernels are what COMMRT_KERNELS=torch runs:
+    # the alternative to Triton there, timed beside it.
+    impls = [s.strip() for s in (args.impls or ("triton,torch" if cuda else "cpu")).split(",")]
     for impl in impls:
         if impl not in IMPLS:
             raise SystemExit(f"unknown impl {impl!r} (expected some of {', '.join(IMPLS)})")
