@@ -299,16 +299,6 @@ def cuda_raw_call(op: str, b: Any) -> Callable[[], None]:
     return staged
 
 
-def _synchronized(call: Callable[[], None]) -> Callable[[], None]:
-    """`call`, then wait for the device: a call's time is until its result is usable."""
-    import torch
-
-    def synced() -> None:
-        call()
-        torch.cuda.synchronize()
-    return synced
-
-
 def run_worker(args: argparse.Namespace) -> list[dict]:
     """Time every (op, size) on this job's ranks; rank 0 returns (and writes) the records."""
     import torch
@@ -340,9 +330,9 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
         for nbytes in args.sizes:
             b = Buffers(op, nbytes, torch.float32, p, device=device)
             calls = {"mpi4py": raw_call(op, b), "commrt": torch_call(op, b, None)}
-            if device.type == "cuda":
-                calls = {"mpi4py": _synchronized(cuda_raw_call(op, b)),
-                         "commrt": _synchronized(calls["commrt"])}
+            if device.type == "cuda":  # a call's time is until its result is usable
+                calls = {"mpi4py": _then(cuda_raw_call(op, b), torch.cuda.synchronize),
+                         "commrt": _then(calls["commrt"], torch.cuda.synchronize)}
             if args.layers:
                 calls.update(_layer_calls(op, b))
                 calls.update({k: torch_call(op, b, g) for k, g in floors.items()})
@@ -576,11 +566,6 @@ def run_driver(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m perf.bench.backend", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -621,7 +606,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown ops {bad}; choose from {', '.join(OPS)}")
     if not args.ranks or min(args.ranks) < 2:
         p.error("--ranks needs world sizes >= 2 (one rank has nothing to compare)")
-    if args.device == "cuda" and not _cuda_available():
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     if args.device == "cuda" and args.layers:
         p.error("--layers times CPU tensors only (the floor groups post host buffers)")
