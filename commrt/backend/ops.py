@@ -77,11 +77,8 @@ class CollectiveOps:
 
     def _launch_allreduce(self, ts: list[torch.Tensor], red: str, average: bool,
                           check: bytes | None) -> Launched:
+        """All-reduce several tensors as one flat buffer."""
         size = self._size
-        if len(ts) == 1:
-            t = ts[0]
-            req = self.communicator.iallreduce(t, red, kind="all_reduce", check=check)
-            return (req,), ts, (lambda: t.div_(size)) if average and size > 1 else None
         flat = flatten(ts)
         req = self.communicator.iallreduce(flat, red, kind="all_reduce", check=check)
 
@@ -96,8 +93,12 @@ class CollectiveOps:
             t = check_tensor(tensors[0], op)
             dtype = t.dtype
             red, average = reduction(opts, dtype, op)
-            return (op, t.numel(), dtype, red, average), \
-                lambda check: self._launch_allreduce(tensors, red, average, check)
+            iallreduce, size = self.communicator.iallreduce, self._size
+            finish = (lambda: t.div_(size)) if average and size > 1 else None
+
+            def launch(check: bytes | None) -> Launched:
+                return (iallreduce(t, red, kind="all_reduce", check=check),), tensors, finish
+            return (op, t.numel(), dtype, red, average), launch
         if op == "all_reduce":
             raise ValueError(f"commrt {op}: expected exactly one tensor per rank, got "
                              f"{len(tensors)}")

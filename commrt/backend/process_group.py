@@ -78,6 +78,9 @@ class CommrtProcessGroup(CollectiveOps, dist.ProcessGroup):
         self._group_name = group_name
         self._group_desc = group_desc
         self._detail = debug_detail()
+        # Whether a collective's agreement check is posted with its data (see the module
+        # docstring): not under DETAIL, nor on a single rank (nothing to agree with).
+        self._check_with_data = not self._detail and self._size > 1
         self._coalescing: list[CommrtWork] | None = None
         self._seq = 0          # collectives posted on this group
         self._p2p_seq = 0      # point-to-point operations posted by this rank
@@ -191,30 +194,26 @@ class CommrtProcessGroup(CollectiveOps, dist.ProcessGroup):
             self._p2p_seq += 1
             work = CommrtWork(*launch(None), op, self._p2p_seq, signature, self)
         else:
-            self._seq += 1
-            if self._size == 1:
-                work = CommrtWork(*launch(None), op, self._seq, signature, self)
+            seq = self._seq = self._seq + 1
+            if self._check_with_data and op not in TABLE_OPS:  # (the common case first)
+                expected = _encoded.get(signature) or _encoded_signature(signature)
+                requests, result, finish = launch(expected)
+                if not requests:  # nothing to send (an empty list): the check alone
+                    requests = (self.communicator.iagree(expected),)
+                # The first request carries the check (see Request.agreed).
+                work = CommrtWork(requests, result, finish, op, seq, signature, self,
+                                  requests[0])
+            elif self._size == 1:
+                work = CommrtWork(*launch(None), op, seq, signature, self)
             elif op in TABLE_OPS:
                 check = self._settled(TableCheck(self.communicator, _table_code(signature),
                                                  signature[-2], signature[-1], rejected=False),
                                       op, signature)
-                work = CommrtWork(*launch(None), op, self._seq, signature, self, check)
-            else:
-                expected = _encoded.get(signature)
-                if expected is None:
-                    expected = encode_signature(signature).tobytes()
-                    if len(_encoded) < 4096:
-                        _encoded[signature] = expected
-                if self._detail:
-                    self._settled(self.communicator.iagree(expected), op, signature)
-                    work = CommrtWork(*launch(None), op, self._seq, signature, self)
-                else:
-                    requests, result, finish = launch(expected)
-                    if not requests:  # nothing to send (an empty list): the check alone
-                        requests = (self.communicator.iagree(expected),)
-                    # The first request carries the check (see Request.agreed).
-                    work = CommrtWork(requests, result, finish, op, self._seq, signature,
-                                      self, requests[0])
+                work = CommrtWork(*launch(None), op, seq, signature, self, check)
+            else:  # DETAIL: agreed before the data is posted
+                self._settled(self.communicator.iagree(_encoded_signature(signature)), op,
+                              signature)
+                work = CommrtWork(*launch(None), op, seq, signature, self)
         self.last_posted = work  # what the watchdog publishes as this rank's progress
         if self._coalescing is not None:
             self._coalescing.append(work)
@@ -361,6 +360,16 @@ def _wait_until(req: T.Request, deadline: float) -> bool:
             return False
         time.sleep(0.001)
     return True
+
+
+def _encoded_signature(signature: tuple) -> bytes:
+    """The agreement vector of `signature` (cached: a training loop repeats a few)."""
+    expected = _encoded.get(signature)
+    if expected is None:
+        expected = encode_signature(signature).tobytes()
+        if len(_encoded) < 4096:
+            _encoded[signature] = expected
+    return expected
 
 
 def _table_code(signature: tuple) -> int:

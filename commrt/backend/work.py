@@ -145,8 +145,8 @@ class CommrtWork(dist._Work):
     # Slots: a Work is created per call, and attribute writes on a pybind object with a
     # __dict__ cost several times more (this is on the small-message hot path).
     __slots__ = ("requests", "result_tensors", "finish", "op", "seq", "signature", "group",
-                 "check", "finished", "error", "future", "future_resolved", "queued",
-                 "posted", "timeout_s")
+                 "check", "finished", "error", "future", "future_resolved", "posted",
+                 "timeout_s")
 
     def __init__(self, requests: Sequence[Any], result: list, finish: Callable[[], None] | None,
                  op: str, seq: int = 0, signature: tuple | None = None, group: Any = None,
@@ -162,9 +162,8 @@ class CommrtWork(dist._Work):
         self.check = check
         self.finished = False
         self.error: BaseException | None = None
+        # A future, once asked for (get_future); `future_resolved` is set with it.
         self.future: torch.futures.Future | None = None
-        self.future_resolved = False
-        self.queued = False
         # Timeouts (watchdog.py): when it was posted, its own limit (None: the group's).
         self.posted = _monotonic()
         self.timeout_s: float | None = None
@@ -200,48 +199,67 @@ class CommrtWork(dist._Work):
         (blocking: always, having failed if it timed out or the ranks disagreed)."""
         if self.finished:
             return True
+        if blocking:
+            self._complete_blocking()
+            return True
         check = self.check
         try:
-            if blocking:
-                waiter = watchdog.waiter()
-                # What the watchdog sees this thread blocked in (a coalesced work blocks
-                # in its parts, which note themselves in turn).
-                outer, waiter.work = waiter.work, self
-                try:
-                    if check is not None:
-                        if not check.done and not self._block(check, waiter):
-                            return True
-                        if not check.agreed:
-                            self._disagreed()
-                            return True
-                    for req in self.requests:
-                        # (the check's request carries the data too: complete already)
-                        if req is not check and not self._block(req, waiter):
-                            return True
-                finally:
-                    waiter.work = outer
-            else:
-                if check is not None:
-                    if not check.test():
-                        return False
-                    if not check.agreed:
-                        self._disagreed()
-                        return True
-                for req in self.requests:
-                    if not req.test():
-                        return False
+            if check is not None:
+                if not check.test():
+                    return False
+                if not check.agreed:
+                    self._disagreed()
+                    return True
+            for req in self.requests:
+                if not req.test():
+                    return False
         except BaseException as exc:  # an MPI error: delivered to wait() and the future
             self.fail(exc)
             return True
+        self._finished()
+        return True
+
+    def _complete_blocking(self) -> None:
+        """Block until the requests complete, this work fails (timed out, or the ranks
+        disagreed) or an MPI error is raised (delivered to wait() and the future)."""
+        waiter = watchdog.waiter()
+        # What the watchdog sees this thread blocked in (a coalesced work blocks in its
+        # parts, which note themselves in turn).
+        outer, waiter.work = waiter.work, self
+        check = self.check
+        try:
+            if check is not None:
+                # (an already completed part returns at once: no separate test first)
+                if not self._block(check, waiter):
+                    return
+                if not check.agreed:
+                    self._disagreed()
+                    return
+            for req in self.requests:
+                # (the check's request carries the data too: complete already)
+                if req is not check and not self._block(req, waiter):
+                    return
+        except BaseException as exc:
+            self.fail(exc)
+            return
+        finally:
+            waiter.work = outer
+        self._finished()
+
+    def _finished(self) -> None:
+        """The requests have completed: run the finishing step, once."""
+        if self.finish is None:
+            # Nothing to run: whoever sets `finished` first wins (a failure set by the
+            # watchdog under the lock keeps its error), so no lock is needed.
+            self.finished = True
+            return
         with _completion_lock:
             if not self.finished:
-                if self.finish is not None:
-                    try:
-                        self.finish()
-                    except BaseException as exc:
-                        self.error = exc
+                try:
+                    self.finish()
+                except BaseException as exc:
+                    self.error = exc
                 self.finished = True
-        return True
 
     def _block(self, part: Any, waiter: Any) -> bool:
         """Block until `part` (the check, a request, a coalesced part) completes: True; or
@@ -292,20 +310,19 @@ class CommrtWork(dist._Work):
         watchdog.py: report, DistBackendError, the group unusable, the job ends after a
         grace period) at its group's timeout, or after `timeout` if that ends first."""
         # c10d passes timedelta(0) ("no timeout of the call's own"): falsy, like None.
-        seconds = timeout_seconds(timeout) if timeout else 0.0
-        if seconds > 0:
-            with watchdog.limit(seconds):
+        if timeout and timeout_seconds(timeout) > 0:
+            with watchdog.limit(timeout_seconds(timeout)):
                 self._wait()
-        elif self.queued and not completer.in_callback():
-            completer.settle(upto=self)
-        else:
-            self.finish_requests(blocking=True)
+        elif self.future is not None and not completer.in_callback():
+            completer.settle(upto=self)  # (returns at once if its future is resolved)
+        elif not self.finished:
+            self._complete_blocking()
         if self.error is not None:
             raise self.error
         return True
 
     def _wait(self) -> None:
-        if self.queued and not completer.in_callback():
+        if self.future is not None and not completer.in_callback():
             completer.settle(upto=self)
         else:
             self.finish_requests(blocking=True)
@@ -314,14 +331,14 @@ class CommrtWork(dist._Work):
         if self.future is not None:
             return self.future
         fut = torch.futures.Future()
-        self.future = fut
+        self.future_resolved = False
+        self.future = fut  # (from here on, wait() completes it through the completer)
         if self.finished or completer.in_callback():
             # Inside a callback, complete at once: keeps the callback's collectives in
             # issue order on every rank (the FIFO queue is being drained by this thread).
             self.finish_requests(blocking=True)
             self.resolve_future()
         else:
-            self.queued = True
             completer.enqueue(self)
         return fut
 
