@@ -14,7 +14,6 @@ and the training script reports bytes per step, so the accounting rule matters:
 """
 from __future__ import annotations
 
-import collections
 import threading
 from collections import defaultdict
 
@@ -22,37 +21,46 @@ from collections import defaultdict
 class WireCounter:
     """Thread-safe tally of bytes and messages by kind (a string label).
 
-    `add` is on every operation's path, so it only appends to a deque (atomic, no lock);
-    the tallies absorb the pending entries under a lock when read, or when many are
-    pending.
+    `add` is on every operation's path, so it takes no lock: each thread adds into a
+    tally of its own ({kind: [bytes, messages]}, written by that thread alone), and readers
+    sum the threads' tallies. `reset` does not touch them either: it records the current
+    totals as the zero that later readings subtract.
     """
-
-    PENDING_LIMIT = 4096  # entries folded into the tallies by `add` itself beyond this
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: collections.deque = collections.deque()
-        self._bytes: dict[str, int] = defaultdict(int)
-        self._messages: dict[str, int] = defaultdict(int)
+        self._local = threading.local()
+        self._tallies: list[dict[str, list[int]]] = []  # every thread's, ever
+        self._zero: dict[str, tuple[int, int]] = {}
         self._received: dict[str, int] = defaultdict(int)
 
     def add(self, kind: str, nbytes: int, messages: int = 1) -> None:
-        # int(): a numpy integer would turn the tally into one.
-        self._pending.append((kind, int(nbytes), messages))
-        if len(self._pending) > self.PENDING_LIMIT:
+        try:
+            tally = self._local.tally
+        except AttributeError:
+            tally = self._local.tally = {}
             with self._lock:
-                self._absorb()
+                self._tallies.append(tally)
+        entry = tally.get(kind)
+        if entry is None:
+            # int(): a numpy integer would turn the tally into one.
+            tally[kind] = [int(nbytes), messages]
+        else:
+            entry[0] += int(nbytes)
+            entry[1] += messages
 
-    def _absorb(self) -> None:
-        """Fold the pending entries into the tallies (the caller holds the lock)."""
-        pending, tally, count = self._pending, self._bytes, self._messages
-        while True:
-            try:
-                kind, nbytes, messages = pending.popleft()
-            except IndexError:
-                return
-            tally[kind] += nbytes
-            count[kind] += messages
+    def _totals(self) -> dict[str, tuple[int, int]]:
+        """{kind: (bytes, messages)} since the last reset (the caller holds the lock)."""
+        totals: dict[str, list[int]] = {}
+        for tally in self._tallies:
+            for kind, entry in list(tally.items()):  # (a copy: its thread may add a kind)
+                nbytes, messages = entry
+                total = totals.setdefault(kind, [0, 0])
+                total[0] += nbytes
+                total[1] += messages
+        zero = self._zero
+        return {k: (b - zero.get(k, (0, 0))[0], m - zero.get(k, (0, 0))[1])
+                for k, (b, m) in totals.items()}
 
     def add_received(self, kind: str, nbytes: int) -> None:
         with self._lock:
@@ -61,16 +69,20 @@ class WireCounter:
     def bytes(self, kind: str | None = None) -> int:
         """Bytes sent under `kind`, or in total when kind is None."""
         with self._lock:
-            self._absorb()
-            return sum(self._bytes.values()) if kind is None else self._bytes.get(kind, 0)
+            totals = self._totals()
+        if kind is None:
+            return sum(b for b, _ in totals.values())
+        return totals.get(kind, (0, 0))[0]
 
     def total_bytes(self) -> int:
         return self.bytes()
 
     def messages(self, kind: str | None = None) -> int:
         with self._lock:
-            self._absorb()
-            return sum(self._messages.values()) if kind is None else self._messages.get(kind, 0)
+            totals = self._totals()
+        if kind is None:
+            return sum(m for _, m in totals.values())
+        return totals.get(kind, (0, 0))[1]
 
     def received(self, kind: str | None = None) -> int:
         with self._lock:
@@ -79,14 +91,12 @@ class WireCounter:
     def snapshot(self) -> dict[str, tuple[int, int]]:
         """{kind: (bytes, messages)} at this moment; subtract two snapshots for a window."""
         with self._lock:
-            self._absorb()
-            return {k: (self._bytes[k], self._messages[k]) for k in self._bytes}
+            return {k: v for k, v in self._totals().items() if v != (0, 0)}
 
     def reset(self) -> None:
         with self._lock:
-            self._pending.clear()
-            self._bytes.clear()
-            self._messages.clear()
+            self._zero = {}
+            self._zero = {k: (b, m) for k, (b, m) in self._totals().items()}
             self._received.clear()
 
 
