@@ -158,13 +158,18 @@ class Communicator:
     def ibroadcast(self, tensor: torch.Tensor, root: int, *, kind: str = "broadcast",
                    check: bytes | None = None) -> Request:
         """In place: every rank ends with root's tensor. Wire bytes: (P-1)/P * B."""
-        self._check_rank(root, "root")
-        work, staged = stage_out(tensor)
+        if not 0 <= root < self.size:
+            self._check_rank(root, "root")
+        if tensor.is_cpu and tensor.is_contiguous():
+            work, staged = tensor, ()  # (the common case, spared stage()'s checks)
+        else:
+            work, staged = stage_out(tensor)
         if self.size == 1:
             return Request.completed(staged)
-        B = tensor_nbytes(work)
+        B = work.numel() * work.element_size()
         token = self._post_check(check)
-        req = self.mpi.Ibcast([as_buffer(work, B), B, load_mpi().BYTE], root)
+        MPI = library.MPI
+        req = self.mpi.Ibcast([MPI.buffer.fromaddress(work.data_ptr(), B), B, MPI.BYTE], root)
         wire.add(kind, (self.size - 1) * B // self.size)
         return Request([req], staged, buffers=work, check=token)
 
@@ -192,23 +197,30 @@ class Communicator:
                    kind: str = "all_gather", check: bytes | None = None) -> Request:
         """out = concatenation over ranks of inp (rank-major). out.numel() == P*inp.numel().
         Wire bytes: (P-1)/P * bytes(out)."""
-        self._check_same_dtype(inp, out)
+        if inp.dtype != out.dtype:
+            self._check_same_dtype(inp, out)
         if out.numel() != self.size * inp.numel():
             raise ValueError(f"all_gather output has {out.numel()} elements, expected "
                              f"{self.size} x {inp.numel()}")
-        win, sin = stage_in(inp)
-        wout, sout = stage_out(out)
+        if inp.is_cpu and out.is_cpu and inp.is_contiguous() and out.is_contiguous():
+            win, wout, staged = inp, out, ()  # (the common case, spared stage()'s checks)
+        else:
+            win, sin = stage_in(inp)
+            wout, sout = stage_out(out)
+            staged = sin + sout
         if self.size == 1:
             wout.view(-1).copy_(win.view(-1))
-            return Request.completed(sin + sout)
+            return Request.completed(staged)
         # Equal blocks: MPI_Iallgather, without the v-variant's count and offset lists.
-        nbytes = tensor_nbytes(win)
-        BYTE = load_mpi().BYTE
+        nbytes = win.numel() * win.element_size()
+        MPI = library.MPI
+        fromaddress, BYTE = MPI.buffer.fromaddress, MPI.BYTE
         token = self._post_check(check)
-        req = self.mpi.Iallgather([as_buffer(win, nbytes), nbytes, BYTE],
-                                  [as_buffer(wout, nbytes * self.size), nbytes, BYTE])
+        req = self.mpi.Iallgather([fromaddress(win.data_ptr(), nbytes), nbytes, BYTE],
+                                  [fromaddress(wout.data_ptr(), nbytes * self.size), nbytes,
+                                   BYTE])
         wire.add(kind, (self.size - 1) * nbytes)
-        return Request([req], sin + sout, buffers=(win, wout), check=token)
+        return Request([req], staged, buffers=(win, wout), check=token)
 
     def iallgatherv(self, inp: torch.Tensor, out: torch.Tensor, counts: Sequence[int], *,
                     kind: str = "all_gather", check: bytes | None = None) -> Request:
@@ -238,23 +250,31 @@ class Communicator:
                         kind: str = "reduce_scatter", check: bytes | None = None) -> Request:
         """out = rank r's block of the reduction of inp; inp.numel() == P*out.numel().
         Wire bytes: (P-1)/P * B(inp) (B after any upcast)."""
-        self._check_same_dtype(inp, out)
+        if inp.dtype != out.dtype:
+            self._check_same_dtype(inp, out)
         n = out.numel()
         if inp.numel() != self.size * n:
             raise ValueError(f"reduce_scatter input has {inp.numel()} elements, expected "
                              f"{self.size} x {n}")
-        win, sin = stage_in(inp, reduce=True)
-        wout, sout = stage_out(out, reduce=True)
-        mpi_op, dt, _ = mpi_reduction(op, inp.dtype)
+        mpi_op, dt, upcast = mpi_reduction(op, inp.dtype)
+        if not upcast and inp.is_cpu and out.is_cpu and inp.is_contiguous() and \
+                out.is_contiguous():
+            win, wout, staged = inp, out, ()  # (the common case, spared stage()'s checks)
+        else:
+            win, sin = stage_in(inp, reduce=True)
+            wout, sout = stage_out(out, reduce=True)
+            staged = sin + sout
         if self.size == 1:
             wout.view(-1).copy_(win.view(-1))
-            return Request.completed(sin + sout)
-        B = tensor_nbytes(win)
+            return Request.completed(staged)
+        B = win.numel() * win.element_size()
+        fromaddress = library.MPI.buffer.fromaddress
         token = self._post_check(check)
-        req = self.mpi.Ireduce_scatter_block([as_buffer(win, B), n, dt],
-                                             [as_buffer(wout, B // self.size), n, dt], mpi_op)
+        req = self.mpi.Ireduce_scatter_block([fromaddress(win.data_ptr(), B), n, dt],
+                                             [fromaddress(wout.data_ptr(), B // self.size), n,
+                                              dt], mpi_op)
         wire.add(kind, (self.size - 1) * B // self.size)
-        return Request([req], sin + sout, buffers=(win, wout), check=token)
+        return Request([req], staged, buffers=(win, wout), check=token)
 
     def ialltoall(self, inp: torch.Tensor, out: torch.Tensor, *,
                   kind: str = "all_to_all") -> Request:
