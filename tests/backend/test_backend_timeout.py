@@ -6,6 +6,7 @@ period unless the group is destroyed, in which case the process carries on."""
 from __future__ import annotations
 
 import re
+import sys
 import time
 from datetime import timedelta
 
@@ -18,8 +19,16 @@ TIMEOUT_S = 4.0
 GRACE_S = 3.0
 
 
+def _say(line: str) -> None:
+    """Print `line` in one write: the ranks' stdout and stderr share one pipe, and print()
+    writes the newline apart when stdout is unbuffered (PYTHONUNBUFFERED), so another
+    rank's report could land inside the line."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _stamp(what: str) -> None:
-    print(f"STAMP {what} rank{dist.get_rank()} {time.time():.3f}", flush=True)
+    _say(f"STAMP {what} rank{dist.get_rank()} {time.time():.3f}")
 
 
 def _missing_rank_worker(timeout_s: float) -> None:
@@ -31,7 +40,7 @@ def _missing_rank_worker(timeout_s: float) -> None:
     dist.all_reduce(t)  # all three ranks: the progress entries show it
     if not torch.equal(t, torch.full((5,), 3.0)):
         raise AssertionError(f"all_reduce gave {t}")
-    print(f"EXPECT seq={dist.group.WORLD.seq + 1}", flush=True)
+    _say(f"EXPECT seq={dist.group.WORLD.seq + 1}")
     if rank == 1:
         time.sleep(120)  # alive, but never joins: the job must be ended for it
         raise AssertionError("rank 1 outlived the grace period")
@@ -40,13 +49,13 @@ def _missing_rank_worker(timeout_s: float) -> None:
         dist.all_reduce(torch.ones(5))
     except dist.DistBackendError as exc:
         _stamp("raised")
-        print(f"CAUGHT rank{rank}: {exc}", flush=True)
+        _say(f"CAUGHT rank{rank}: {exc}")
     else:
         raise AssertionError("all_reduce without rank 1 did not time out")
     try:
         dist.all_reduce(torch.ones(5))
     except RuntimeError as exc:
-        print(f"REFUSED rank{rank}: {exc}", flush=True)
+        _say(f"REFUSED rank{rank}: {exc}")
     else:
         raise AssertionError("the timed-out group accepted another all_reduce")
     time.sleep(120)  # the grace timer must end the job before this returns
