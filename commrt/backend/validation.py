@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 SUPPORTED_DEVICES = ("cpu", "cuda")
+STRIDED = torch.strided  # (a module attribute read on every call otherwise)
 
 RED = dist.ReduceOp.RedOpType
 REDUCTIONS = {
@@ -30,7 +31,7 @@ def check_tensor(t: Any, op: str, what: str = "tensor") -> torch.Tensor:
     if not (t.is_cpu or t.is_cuda):  # (t.device.type builds a device object: slower)
         raise ValueError(f"commrt {op}: {what} is on device {t.device}; the commrt backend "
                          f"supports {' and '.join(SUPPORTED_DEVICES)} tensors")
-    if t.layout != torch.strided:
+    if t.layout != STRIDED:
         raise ValueError(f"commrt {op}: {what} has layout {t.layout}; only dense (strided) "
                          "tensors are supported")
     return t

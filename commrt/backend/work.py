@@ -223,6 +223,7 @@ class CommrtWork(dist._Work):
         """Block until the requests complete, this work fails (timed out, or the ranks
         disagreed) or an MPI error is raised (delivered to wait() and the future)."""
         waiter = watchdog.waiter()
+        wakeup = waiter.wakeup
         # What the watchdog sees this thread blocked in (a coalesced work blocks in its
         # parts, which note themselves in turn).
         outer, waiter.work = waiter.work, self
@@ -230,14 +231,15 @@ class CommrtWork(dist._Work):
         try:
             if check is not None:
                 # (an already completed part returns at once: no separate test first)
-                if not self._block(check, waiter):
+                if not check.wait_or_wake(wakeup) and not self._after_wake(check, waiter):
                     return
                 if not check.agreed:
                     self._disagreed()
                     return
             for req in self.requests:
                 # (the check's request carries the data too: complete already)
-                if req is not check and not self._block(req, waiter):
+                if req is not check and not req.wait_or_wake(wakeup) and \
+                        not self._after_wake(req, waiter):
                     return
         except BaseException as exc:
             self.fail(exc)
@@ -261,19 +263,21 @@ class CommrtWork(dist._Work):
                     self.error = exc
                 self.finished = True
 
-    def _block(self, part: Any, waiter: Any) -> bool:
-        """Block until `part` (the check, a request, a coalesced part) completes: True; or
-        until this work fails meanwhile (timed out, or failed with its group): False.
-        The watchdog fires the waiter's Wakeup at a deadline; the waiter then times the
-        work out itself, since it holds the request (nobody else may wait on it). The
-        caller has noted this work as the waiter's."""
-        while not part.wait_or_wake(waiter.wakeup):
+    def _after_wake(self, part: Any, waiter: Any) -> bool:
+        """The waiter's Wakeup ended a blocking wait for `part` (the check, a request, a
+        coalesced part): keep waiting until `part` completes (True) or this work fails
+        meanwhile (timed out, or failed with its group: False). The watchdog fires the
+        Wakeup at a deadline (or spuriously); the waiter then times the work out itself,
+        since it holds the request (nobody else may wait on it). The caller has noted this
+        work as the waiter's."""
+        while True:
             if self.finished:
                 return False
             if watchdog.overdue(self, waiter) and not _settles(part):
                 watchdog.expire(self, waiter)
                 return False
-        return True
+            if part.wait_or_wake(waiter.wakeup):
+                return True
 
     def wait_or_wake(self, wakeup: Any) -> bool:
         """As a part of a coalesced work: complete (blocking); raise this part's error.
