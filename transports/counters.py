@@ -95,8 +95,8 @@ class WireCounter:
 
     def reset(self) -> None:
         with self._lock:
-            self._zero = {}
-            self._zero = {k: (b, m) for k, (b, m) in self._totals().items()}
+            self._zero = {}  # (so that _totals() returns the raw sums)
+            self._zero = self._totals()
             self._received.clear()
 
 

@@ -158,7 +158,7 @@ class Communicator:
     def ibroadcast(self, tensor: torch.Tensor, root: int, *, kind: str = "broadcast",
                    check: bytes | None = None) -> Request:
         """In place: every rank ends with root's tensor. Wire bytes: (P-1)/P * B."""
-        if not 0 <= root < self.size:
+        if not 0 <= root < self.size:  # (the checker called only to raise: every call's path)
             self._check_rank(root, "root")
         if tensor.is_cpu and tensor.is_contiguous():
             work, staged = tensor, ()  # (the common case, spared stage()'s checks)
@@ -197,7 +197,7 @@ class Communicator:
                    kind: str = "all_gather", check: bytes | None = None) -> Request:
         """out = concatenation over ranks of inp (rank-major). out.numel() == P*inp.numel().
         Wire bytes: (P-1)/P * bytes(out)."""
-        if inp.dtype != out.dtype:
+        if inp.dtype != out.dtype:  # (the checker called only to raise: every call's path)
             self._check_same_dtype(inp, out)
         if out.numel() != self.size * inp.numel():
             raise ValueError(f"all_gather output has {out.numel()} elements, expected "
@@ -250,7 +250,7 @@ class Communicator:
                         kind: str = "reduce_scatter", check: bytes | None = None) -> Request:
         """out = rank r's block of the reduction of inp; inp.numel() == P*out.numel().
         Wire bytes: (P-1)/P * B(inp) (B after any upcast)."""
-        if inp.dtype != out.dtype:
+        if inp.dtype != out.dtype:  # (the checker called only to raise: every call's path)
             self._check_same_dtype(inp, out)
         n = out.numel()
         if inp.numel() != self.size * n:
