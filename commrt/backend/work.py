@@ -314,22 +314,16 @@ class CommrtWork(dist._Work):
         watchdog.py: report, DistBackendError, the group unusable, the job ends after a
         grace period) at its group's timeout, or after `timeout` if that ends first."""
         # c10d passes timedelta(0) ("no timeout of the call's own"): falsy, like None.
-        if timeout and timeout_seconds(timeout) > 0:
-            with watchdog.limit(timeout_seconds(timeout)):
-                self._wait()
-        elif self.future is not None and not completer.in_callback():
+        if timeout and (seconds := timeout_seconds(timeout)) > 0:
+            with watchdog.limit(seconds):
+                return self.wait()  # (the wait below, under the limit)
+        if self.future is not None and not completer.in_callback():
             completer.settle(upto=self)  # (returns at once if its future is resolved)
         elif not self.finished:
             self._complete_blocking()
         if self.error is not None:
             raise self.error
         return True
-
-    def _wait(self) -> None:
-        if self.future is not None and not completer.in_callback():
-            completer.settle(upto=self)
-        else:
-            self.finish_requests(blocking=True)
 
     def get_future(self) -> torch.futures.Future:
         if self.future is not None:
